@@ -1,0 +1,4 @@
+from cifar_ray.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The typed config: the one contract between the CLI, the engine, Ray Train and Ray Tune.
+
+One frozen dataclass tree. Every field has a default and a comment with its unit. A config
+is built from defaults, then a YAML file (`--config`), then dotted overrides (`--set
+key.sub=value`), and every step is checked against the defaults' types: an unknown key or a
+wrong type is refused with the valid keys listed. `dump_yaml` and `load_config` round-trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar_ray.errors import UserError
+from cifar_ray.fsutil import atomic_write
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # any SOURCE of `cifar-ray data prepare` (name, path, archive)
+    val_fraction: float = 0.1  # share of each train class held out for validation, [0, 1)
+    limit: int = 0  # train on a stratified subset of this many images (0 = all)
+    split_seed: int = 0  # seed of the train/val split and the --limit subset
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "seed-vgg-bn"  # a registered model name or a path to a layer-spec YAML file
+    args: dict = field(default_factory=dict)  # keyword overrides for the model family
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    crop_pad: int = 4  # random crop after padding by this many pixels (0 = off)
+    pad_mode: str = "reflect"  # reflect | zeros: how the crop padding is filled
+    hflip: str = "random"  # random | alternate (flip every other epoch per image) | none
+    vflip: bool = False  # random vertical flip
+    rotate: float = 0.0  # random rotation, uniform in [-rotate, +rotate] degrees (0 = off)
+    rotate_fill: str = "black"  # black | reflect | crop (zoom in so no corner is empty)
+    cutout: int = 0  # side of a random square set to zero, pixels (0 = off)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05  # peak learning rate at the global batch size below
+    momentum: float = 0.9  # SGD momentum / AdamW beta1
+    nesterov: bool = True  # Nesterov momentum (sgd only)
+    weight_decay: float = 5e-4  # L2 weight decay (decoupled for adamw)
+    schedule: str = "onecycle"  # onecycle | cosine | step | constant
+    warmup_epochs: float = 1.0  # linear warmup before the schedule (onecycle: its rise), epochs
+    step_every: int = 10  # step schedule: multiply the lr by step_gamma every this many epochs
+    step_gamma: float = 0.1  # step schedule factor
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, [0, 1)
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
+    ema_decay: float = 0.0  # exponential moving average of weights per step (0 = off)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 256  # GLOBAL batch, images per step summed over all workers
+    eval_batch_size: int = 1024  # images per evaluation batch, per worker
+    seed: int = 0  # seed of init, per-epoch permutation and augmentation
+    precision: str = "auto"  # auto (bf16 where supported, else fp16 on GPU, else fp32) | bf16 | fp16 | fp32
+    channels_last: bool = True  # NHWC memory format (faster convs on CPU and GPU)
+    compile: bool = False  # torch.compile the model
+    tta: bool = False  # evaluate with test-time augmentation (flip + 1-pixel shifts)
+    fail_on_nan: bool = True  # stop with a clear error when the loss becomes NaN/inf
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    workers: int = 1  # DDP workers (Ray Train); 0 = run the engine in-process without Ray
+    gpu: bool = False  # one GPU per worker
+    cpus_per_worker: int = 0  # CPUs reserved per worker (0 = all CPUs / workers, at least 1)
+    max_failures: int = 2  # restarts from the last checkpoint after a worker dies
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+
+# Allowed values of the string fields that are enumerations.
+CHOICES = {
+    "aug.pad_mode": ("reflect", "zeros"),
+    "aug.hflip": ("random", "alternate", "none"),
+    "aug.rotate_fill": ("black", "reflect", "crop"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("onecycle", "cosine", "step", "constant"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+# Numeric ranges: key -> (low, high, high inclusive?). Both ends are checked.
+RANGES = {
+    "data.val_fraction": (0.0, 1.0, False),
+    "data.limit": (0, None, True),
+    "aug.crop_pad": (0, 16, True),
+    "aug.rotate": (0.0, 180.0, True),
+    "aug.cutout": (0, 32, True),
+    "optim.lr": (0.0, None, True),
+    "optim.momentum": (0.0, 1.0, False),
+    "optim.weight_decay": (0.0, None, True),
+    "optim.warmup_epochs": (0.0, None, True),
+    "optim.step_every": (1, None, True),
+    "optim.step_gamma": (0.0, 1.0, True),
+    "optim.label_smoothing": (0.0, 1.0, False),
+    "optim.grad_clip": (0.0, None, True),
+    "optim.ema_decay": (0.0, 1.0, False),
+    "train.epochs": (1, None, True),
+    "train.batch_size": (1, None, True),
+    "train.eval_batch_size": (1, None, True),
+    "scale.workers": (0, None, True),
+    "scale.cpus_per_worker": (0, None, True),
+    "scale.max_failures": (0, None, True),
+}
+
+
+# ---------------------------------------------------------------- keys and types
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config, e.g. `optim.lr`."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def closest_key(key: str) -> str | None:
+    match = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    hint = closest_key(key)
+    did = f" (did you mean {hint!r}?)" if hint else ""
+    return UserError(
+        f"{where}: unknown config key {key!r}{did}; valid keys: {', '.join(valid_keys())}"
+    )
+
+
+def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
+    """Return `value` converted to `tp`, or raise a UserError naming `key`."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{where}: {key} must be {what}, got {value!r}")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise bad("a finite number")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise bad("one of " + " | ".join(CHOICES[key]))
+    elif tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of names to values")
+        return dict(value)
+    if key in RANGES:
+        lo, hi, hi_inclusive = RANGES[key]
+        if value < lo or (hi is not None and (value > hi if hi_inclusive else value >= hi)):
+            upper = "" if hi is None else (f" and <= {hi}" if hi_inclusive else f" and < {hi}")
+            raise bad(f">= {lo}{upper}")
+    return value
+
+
+def _build(cls, data: Any, where: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        name = prefix.rstrip(".") or "the config"
+        raise UserError(f"{where}: {name} must be a mapping of keys to values, got {data!r}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in types:
+            raise _unknown_key(dotted, where)
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where, dotted + ".")
+        else:
+            kwargs[key] = _check_value(dotted, tp, value, where)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- public API
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, where: str = "config") -> Config:
+    """Build a Config from a (possibly partial) nested dict; missing keys take defaults."""
+    return _build(Config, data if data is not None else {}, where)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Nested dict update; returns a new dict. `model.args` merges key by key too."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """Return a copy of nested `data` with `key` (dotted) set to `value`."""
+    head, _, rest = key.partition(".")
+    out = dict(data)
+    out[head] = set_dotted(out.get(head) or {}, rest, value) if rest else value
+    return out
+
+
+def check_override_key(key: str, where: str) -> None:
+    """Refuse a dotted key that names no config field (model.args.* is open)."""
+    if key.startswith("model.args.") and len(key) > len("model.args."):
+        return
+    if key not in valid_keys():
+        raise _unknown_key(key, where)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key, value); the value is read as YAML (1e-3, true, [1, 2])."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    check_override_key(key, f"--set {item}")
+    return key, value
+
+
+def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a YAML file or raise a UserError naming it."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{at}; fix the file") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str) -> Path:
+    """A preset name (e.g. `speed-cpu`) or a path to a YAML config file."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and preset.is_file():
+        return preset
+    presets = ", ".join(preset_names()) or "none"
+    raise UserError(f"--config {name_or_path}: no such file or preset (presets: {presets})")
+
+
+def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str] = (),
+                base: dict | None = None) -> Config:
+    """Defaults <- `base` dict <- YAML file or preset <- `--set` overrides, all checked."""
+    data = dict(base or {})
+    if name_or_path:
+        path = config_path(name_or_path)
+        loaded = read_yaml(path, "config")
+        if loaded is None:
+            loaded = {}
+        from_dict(loaded, str(path))  # check the file on its own first: errors name it
+        data = merge(data, loaded)
+    for item in overrides:
+        key, value = parse_override(item)
+        data = set_dotted(data, key, value)
+        from_dict(data, f"--set {item}")
+    return from_dict(data)
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """A copy of `cfg` with dotted keys (given with `__` for `.`) replaced, checked."""
+    data = to_dict(cfg)
+    for key, value in dotted.items():
+        data = set_dotted(data, key.replace("__", "."), value)
+    return from_dict(data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write(path, dump_yaml(cfg))
