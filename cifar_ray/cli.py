@@ -4,6 +4,7 @@ library. Bad input surfaces as a `UserError`, printed as one line with exit stat
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -26,6 +27,128 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="cifar-ray")
 def main():
     """Train CNNs on CIFAR-10 with Ray Train and run ablations with Ray Tune + ASHA."""
+
+
+def _config_from_options(config, sets, flags: dict, base: dict | None = None):
+    """--config, then --set, then explicit flags (the most specific wins)."""
+    from cifar_ray import config as C
+
+    overrides = list(sets) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return C.load_config(config, overrides, base=base)
+
+
+@main.command()
+@click.option("--model", help="Registered model name (see `cifar-ray models list`) or a layer-spec YAML file.")
+@click.option("--data", help="Dataset: any SOURCE of `cifar-ray data prepare` (synthetic, cifar10, a folder or archive, a prepared dir).")
+@click.option("--epochs", type=int, help="Epochs to train (with --resume: may be raised).")
+@click.option("--batch-size", type=int, help="GLOBAL batch size: split evenly across the --workers (each gets batch/workers).")
+@click.option("--lr", type=float, help="Peak learning rate for the global batch size.")
+@click.option("--workers", type=int, help="DDP workers (Ray Train). Default 1.")
+@click.option("--gpu/--cpu", default=None, help="One GPU per worker, or CPU only (default: CPU).")
+@click.option("--limit", type=int, help="Train on a stratified subset of this many images (quick local debugging).")
+@click.option("--seed", type=int, help="Seed of init, shuffling and augmentation.")
+@click.option("--config", "config", help="Config YAML file or preset name.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set optim.lr=0.1 (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to create.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
+@click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
+@click.option("--no-resource-check", is_flag=True, help="Start even if the Ray cluster lacks the CPUs/GPUs now (an autoscaler will add them).")
+def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config, sets, out,
+          resume, overwrite, no_resource_check):
+    """Train a model on Ray Train (DDP); checkpoints, curves and a summary go to --out.
+
+    Ray runs locally unless RAY_ADDRESS names a cluster."""
+    from cifar_ray import config as C
+    from cifar_ray import train as T
+
+    flags = {"model.name": model, "data.source": data, "train.epochs": epochs,
+             "train.batch_size": batch_size, "optim.lr": lr, "scale.workers": workers,
+             "scale.gpu": None if gpu is None else str(gpu).lower(), "data.limit": limit,
+             "train.seed": seed}
+    if resume:
+        if out and Path(out).resolve() != Path(resume).resolve():
+            raise UserError("give either --out or --resume, not both")
+        changed = [k for k, v in flags.items() if v is not None and k != "train.epochs"]
+        if changed or config or sets:
+            raise UserError(f"--resume {resume}: only --epochs may change on resume "
+                            f"(got {', '.join(changed) or '--config/--set'})")
+        saved = C.read_yaml(Path(resume) / "config.yaml", "run config") \
+            if (Path(resume) / "config.yaml").is_file() else None
+        if saved is None:
+            raise UserError(f"--resume {resume}: not a run directory (no config.yaml)")
+        cfg = _config_from_options(None, (), {"train.epochs": epochs}, base=saved)
+        out = resume
+    else:
+        if not out:
+            raise UserError("--out DIR is required (the run directory to create)")
+        cfg = _config_from_options(config, sets, flags)
+    summary = T.run(cfg, out, resume=bool(resume), overwrite=overwrite,
+                    check_resources=not no_resource_check)
+    if summary.get("error"):
+        click.echo(f"error: {summary['error']}", err=True)
+        sys.exit(130 if summary["error"] == "interrupted" else 1)
+    click.echo(f"best val acc {summary.get('best_val_acc') or 0:.4f} (epoch {summary.get('best_epoch')}), "
+               f"{summary.get('train_seconds', 0):.1f}s training; run: {Path(out).resolve()}")
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR|CHECKPOINT")
+@click.option("--data", help="Dataset (default: the one the run trained on).")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="val", show_default=True)
+@click.option("--tta", is_flag=True, help="Test-time augmentation (flip + 1-pixel shifts).")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of a run directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(target, data, split, tta, which, as_json):
+    """Accuracy, per-class accuracy and confusion matrix of a trained model."""
+    import json
+
+    from cifar_ray.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(target, data, split, tta, which)
+    run = Path(target)
+    if run.is_dir() and (run / "config.yaml").is_file():
+        from cifar_ray.report import plot_confusion
+
+        png = run / f"confusion-{split}.png"
+        plot_confusion(result["confusion"], result["classes"], png,
+                       title=f"{split}: accuracy {result['accuracy']:.4f}")
+        result["confusion_png"] = str(png)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['split']} accuracy {result['accuracy']:.4f} on {result['n']} images"
+               f"{' (TTA)' if tta else ''}  [{result['checkpoint']}]")
+    width = max(len(c) for c in result["classes"])
+    click.echo("per class:")
+    for c, acc in result["per_class"].items():
+        click.echo(f"  {c:<{width}}  {acc:.4f}")
+    click.echo("confusion (rows: true, columns: predicted):")
+    for c, row in zip(result["classes"], result["confusion"]):
+        click.echo(f"  {c:<{width}} " + " ".join(f"{v:>5}" for v in row))
+    if "confusion_png" in result:
+        click.echo(f"wrote {result['confusion_png']}")
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR|CHECKPOINT")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--top-k", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--tta", is_flag=True, help="Test-time augmentation.")
+@click.option("--json", "as_json", is_flag=True)
+def predict(target, images, top_k, tta, as_json):
+    """Top-k classes with probabilities for image files (resized to 32x32 if needed)."""
+    import json
+
+    from cifar_ray.inference import predict as run_predict
+
+    results = run_predict(target, list(images), top_k, tta)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+        click.echo(f"{r['image']}: {tops}")
 
 
 def _register_commands():

@@ -174,6 +174,11 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
@@ -249,6 +254,9 @@ def check_override_key(key: str, where: str) -> None:
     if key.startswith("model.args.") and len(key) > len("model.args."):
         return
     if key not in valid_keys():
+        section = [k for k in valid_keys() if k.startswith(key + ".")]
+        if section:
+            raise UserError(f"{where}: {key} is a section; set one of its keys: {', '.join(section)}")
         raise _unknown_key(key, where)
 
 

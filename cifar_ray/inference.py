@@ -1,0 +1,100 @@
+"""Evaluate and predict with a trained checkpoint (no Ray: runs anywhere torch does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar_ray import config as C
+from cifar_ray import engine, rundir
+from cifar_ray.errors import UserError
+
+
+def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
+    """(state, config, model) from a run directory, checkpoint folder or state.pt."""
+    path = rundir.resolve_checkpoint(target, which)
+    state = engine.load_state(path)
+    cfg, model = engine.model_from_state(state, device)
+    return path, state, cfg, model
+
+
+def split_arrays(cfg: C.Config, data: str, split: str):
+    """The images and labels of `split` of DATA; `val` is the run's own held-out split."""
+    from cifar_ray.data import load, train_val_split
+
+    ds = load(data)
+    if split == "test":
+        if "test" not in ds.splits:
+            raise UserError(f"--data {data}: has no test split; use --split val")
+        return ds, ds.splits["test"]
+    images, labels = ds.splits["train"]
+    if split == "train":
+        return ds, (images, labels)
+    _, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
+    if len(val_idx) == 0:
+        raise UserError(f"{data}: the run used data.val_fraction=0, so it has no validation split")
+    return ds, (images[val_idx], labels[val_idx])
+
+
+def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str = "val",
+                        tta: bool = False, which: str = "best") -> dict:
+    """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a split."""
+    from cifar_ray.data.loader import DeviceLoader
+
+    path, state, cfg, model = load_checkpoint(target, which)
+    ds, (images, labels) = split_arrays(cfg, data or cfg.data.source, split)
+    if list(ds.classes) != list(state["classes"]):
+        raise UserError(f"--data {data}: its classes {ds.classes} differ from the checkpoint's "
+                        f"{state['classes']}; evaluate on the dataset the model was trained on")
+    device = torch.device("cpu")
+    loader = DeviceLoader(images, labels, batch_size=cfg.train.eval_batch_size, device=device,
+                          mean=tuple(state["mean"]), std=tuple(state["std"]), aug=None,
+                          shuffle=False, drop_last=False, channels_last=cfg.train.channels_last)
+    amp = engine.autocast_dtype(cfg.train.precision, device)
+    ev = engine.evaluate(model, loader, device, amp, len(ds.classes), tta)
+    conf = ev["confusion"]
+    per_class = {c: float(conf[i, i] / max(conf[i].sum(), 1)) for i, c in enumerate(ds.classes)}
+    return {"checkpoint": str(path), "split": split, "n": ev["n"], "accuracy": ev["acc"],
+            "loss": ev["loss"], "tta": tta, "per_class": per_class,
+            "classes": list(ds.classes), "confusion": conf.tolist()}
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 (32,32,3) RGB; other sizes are resized (antialiased)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (32, 32):
+                im = im.resize((32, 32), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot decode image ({e.__class__.__name__}); "
+                        "give a PNG or JPEG file") from None
+
+
+def predict(target: str | Path, images: list[str], top_k: int = 3, tta: bool = False,
+            which: str = "best") -> list[dict]:
+    """Top-k classes with probabilities for each image file."""
+    _, state, cfg, model = load_checkpoint(target, which)
+    batch = np.stack([read_image(p) for p in images])
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(state["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(state["std"]).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        probs = engine.predict_logits(model, x, tta).softmax(1)
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    classes = state["classes"]
+    return [{"image": str(p), "top": [{"class": classes[j], "prob": float(v)}
+                                      for v, j in zip(top.values[i].tolist(),
+                                                      top.indices[i].tolist())]}
+            for i, p in enumerate(images)]

@@ -1,0 +1,117 @@
+"""The run directory: what `cifar-ray train --out DIR` leaves behind, and how to read it back.
+
+    DIR/config.yaml      the resolved config (feed it to `cifar-ray train --config`)
+    DIR/metrics.csv      one row per epoch
+    DIR/curves.png       train vs val accuracy and loss
+    DIR/summary.json     best/final accuracy, epochs, speed, model, checkpoints
+    DIR/checkpoints/     Ray Train's storage: epoch-NNNN/state.pt (last and best kept)
+
+No Ray imports: evaluate and predict read runs without starting Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+from cifar_ray.errors import UserError
+from cifar_ray.fsutil import atomic_write
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.pt"
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                  "images_per_s", "seconds", "eval_seconds", "test_acc"]
+
+
+def is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / CHECKPOINTS).is_dir()
+
+
+def checkpoint_dirs(run: Path) -> dict[int, Path]:
+    """Epoch -> checkpoint folder, for every complete checkpoint in the run."""
+    found = {}
+    root = run / CHECKPOINTS
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _EPOCH_DIR.match(d.name)
+            if m and (d / STATE_FILE).is_file():
+                found[int(m.group(1))] = d
+    return dict(sorted(found.items()))
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    extra = sorted({k for row in history for k in row} - set(METRIC_COLUMNS))
+    columns = [c for c in METRIC_COLUMNS if any(c in row for row in history)] + extra
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k, "") for k in columns})
+    atomic_write(path, buf.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        parsed = {}
+        for k, v in row.items():
+            if v == "":
+                continue
+            try:
+                parsed[k] = int(v) if k == "epoch" else float(v)
+            except ValueError:
+                parsed[k] = v
+        out.append(parsed)
+    return out
+
+
+def read_summary(run: Path) -> dict:
+    path = run / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{path}: unreadable summary; delete it and rerun "
+                        f"`cifar-ray train --resume {run}` to rewrite it") from None
+
+
+def best_epoch(history: list[dict], available: set[int]) -> int | None:
+    """The epoch with the highest val accuracy among those with a checkpoint."""
+    scored = [(h.get("val_acc", float("nan")), h["epoch"]) for h in history
+              if h["epoch"] in available]
+    scored = [(acc if acc == acc else -1.0, ep) for acc, ep in scored]
+    return max(scored)[1] if scored else (max(available) if available else None)
+
+
+def resolve_checkpoint(target: str | Path, which: str = "best") -> Path:
+    """A run directory (its best or last checkpoint), a checkpoint folder, or a state.pt."""
+    path = Path(target)
+    if path.is_file():
+        return path
+    if (path / STATE_FILE).is_file():
+        return path / STATE_FILE
+    if not path.is_dir():
+        raise UserError(f"{target}: no such run directory or checkpoint")
+    ckpts = checkpoint_dirs(path)
+    if not ckpts:
+        raise UserError(f"{target}: holds no checkpoint; train first (cifar-ray train --out {target})")
+    if which == "last":
+        return ckpts[max(ckpts)] / STATE_FILE
+    summary = read_summary(path)
+    best = summary.get("best_epoch")
+    if best not in ckpts:
+        history = read_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
+        best = best_epoch(history, set(ckpts)) or max(ckpts)
+    return ckpts[best] / STATE_FILE
+
+
+def write_summary(run: Path, summary: dict) -> None:
+    atomic_write(run / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,358 @@
+"""Ray Train wrapper: runs the engine in DDP workers of a `TorchTrainer` and keeps the run
+directory (see rundir.py) up to date from the driver.
+
+The driver loads the prepared dataset once, splits it, and puts the arrays in Ray's object
+store; every worker reads that one copy. Rank 0 sends progress and epoch metrics to the
+driver through a small Ray queue, so the driver prints a progress bar and one line per
+epoch and rewrites metrics.csv as the run goes. Checkpoints go through `ray.train.report`
+into DIR/checkpoints/epoch-NNNN/; Ray restores the latest one when a worker dies
+(FailureConfig) and when the same run directory is trained again (--resume).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifar_ray import config as C
+from cifar_ray import rundir
+from cifar_ray.errors import UserError
+
+RUN_NAME = rundir.CHECKPOINTS  # Ray's experiment folder inside the run directory
+
+
+# ---------------------------------------------------------------- data for a run
+
+def load_split(cfg: C.Config) -> dict:
+    """The arrays of a run as a dict of numpy arrays + class names, mean and std."""
+    from cifar_ray.data import load, stratified_subset, train_val_split
+
+    ds = load(cfg.data.source)
+    images, labels = ds.splits["train"]
+    train_idx, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
+    if cfg.data.limit:
+        if cfg.data.limit > len(train_idx):
+            raise UserError(f"data.limit={cfg.data.limit}: the training split has only "
+                            f"{len(train_idx)} images; use a smaller --limit")
+        keep = stratified_subset(labels[train_idx], cfg.data.limit, cfg.data.split_seed)
+        train_idx = train_idx[keep]
+        # Keep validation in proportion, so a --limit run also evaluates quickly.
+        n_val = max(len(ds.classes), int(round(len(val_idx) * cfg.data.limit / len(labels))))
+        if n_val < len(val_idx):
+            val_idx = val_idx[stratified_subset(labels[val_idx], n_val, cfg.data.split_seed)]
+    out = {"train_x": images[train_idx], "train_y": labels[train_idx],
+           "val_x": images[val_idx], "val_y": labels[val_idx],
+           "classes": list(ds.classes), "mean": tuple(ds.mean), "std": tuple(ds.std),
+           "source": str(ds.path)}
+    if "test" in ds.splits:
+        out["test_x"], out["test_y"] = ds.splits["test"]
+    return out
+
+
+def to_split(arrays: dict):
+    from cifar_ray.engine import Split
+
+    test = (arrays["test_x"], arrays["test_y"]) if "test_x" in arrays else None
+    return Split(train=(arrays["train_x"], arrays["train_y"]),
+                 val=(arrays["val_x"], arrays["val_y"]), classes=arrays["classes"],
+                 mean=arrays["mean"], std=arrays["std"], test=test)
+
+
+# ---------------------------------------------------------------- inside each worker
+
+class _RayReporter:
+    """Engine → Ray: epoch ends become `ray.train.report` (+ checkpoint on rank 0)."""
+
+    def __init__(self, queue, rank: int):
+        self.queue, self.rank = queue, rank
+        self._last_put = 0.0
+
+    def _put(self, item) -> None:
+        if self.queue is not None and self.rank == 0:
+            try:
+                self.queue.put_nowait(item)
+            except Exception:  # a full or vanished queue must never stop training
+                pass
+
+    def progress(self, epoch, step, steps):
+        now = time.monotonic()
+        if now - self._last_put > 0.5 or step == steps:
+            self._last_put = now
+            self._put(("progress", epoch, step, steps))
+
+    def error(self, message: str) -> None:
+        self._put(("error", message))
+
+    def epoch_end(self, metrics, state):
+        import ray.train
+
+        from cifar_ray.engine import save_state
+
+        name = f"epoch-{metrics['epoch']:04d}"
+        if state is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_state(state(), Path(tmp) / rundir.STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=name)
+        self._put(("epoch", metrics))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The function every Ray Train worker runs: fetch the shared arrays, resume from
+    Ray's latest checkpoint if there is one, and hand over to the engine."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from cifar_ray import engine
+
+    torch.set_num_threads(loop_config["threads"])
+    cfg = C.from_dict(loop_config["config"], "run config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    arrays = ray.get(loop_config["data"])
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = engine.load_state(Path(d) / rundir.STATE_FILE)
+    reporter = _RayReporter(loop_config.get("queue"), rank)
+    try:
+        engine.fit(cfg, to_split(arrays), device=ray.train.torch.get_device(), rank=rank,
+                   world_size=world, wrap=ray.train.torch.prepare_model, resume=resume,
+                   reporter=reporter)
+    except engine.NonFiniteLoss as e:
+        # Every rank raises at the same step (the check is collective), so every rank
+        # reports once more: the run ends normally and the driver shows the reason.
+        reporter.error(str(e))
+        ray.train.report({"error": str(e)}, checkpoint=None)
+
+
+# ---------------------------------------------------------------- the driver
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int
+    cpus_per_worker: int
+    gpu: bool
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS if set, else start a private local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
+    """Size the workers from the cluster, and refuse (before starting) a run the cluster
+    cannot hold: Ray would otherwise wait for resources forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
+    workers = max(1, scale.workers)
+    per_worker = scale.cpus_per_worker or max(1, cpus // workers)
+    if check:
+        if scale.gpu and workers > gpus:
+            raise UserError(f"--workers {workers} --gpu needs {workers} GPUs, the Ray cluster has "
+                            f"{gpus}; use fewer workers, drop --gpu, or add GPU nodes")
+        if workers * per_worker > cpus:
+            raise UserError(f"--workers {workers} x {per_worker} CPUs needs {workers * per_worker} "
+                            f"CPUs, the Ray cluster has {cpus}; use fewer workers or set "
+                            "scale.cpus_per_worker lower")
+    return Resources(workers, per_worker, scale.gpu)
+
+
+def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: str,
+                 queue=None, callbacks=None):
+    """The TorchTrainer of one run (train and tune both build theirs here)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": C.to_dict(cfg), "data": data_ref, "queue": queue,
+                           "threads": res.cpus_per_worker},
+        torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu,
+                                     resources_per_worker={"CPU": res.cpus_per_worker,
+                                                           **({"GPU": 1} if res.gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            # Keep the best checkpoint by val accuracy; Ray always keeps the latest too.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+        ),
+    )
+
+
+class _Console:
+    """The driver's output: a progress bar on a terminal, one line per epoch always."""
+
+    def __init__(self, epochs: int, stream=sys.stderr):
+        self.epochs, self.stream = epochs, stream
+        self.tty = stream.isatty()
+
+    def progress(self, epoch: int, step: int, steps: int) -> None:
+        if not self.tty:
+            return
+        width = 30
+        done = int(width * step / max(steps, 1))
+        self.stream.write(f"\repoch {epoch + 1}/{self.epochs} [{'#' * done}{'.' * (width - done)}]"
+                          f" {step}/{steps}")
+        self.stream.flush()
+
+    def epoch(self, m: dict) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        line = (f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} "
+                f"acc {m['train_acc']:.4f}  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}  "
+                f"lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s")
+        if "test_acc" in m:
+            line += f"  test acc {m['test_acc']:.4f}"
+        print(line, flush=True)
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"--resume {out}: not a run directory (no config.yaml)")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "another run" if rundir.is_run(out) else "files"
+            raise UserError(f"--out {out}: holds {what}; pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+        check_resources: bool = True, echo=print) -> dict:
+    """Train `cfg` into run directory `out` on Ray Train; return the summary."""
+    import ray
+    from ray.util.queue import Queue
+
+    from cifar_ray.models import model_info
+
+    out = Path(out).resolve()
+    if cfg.scale.workers < 1:
+        raise UserError("scale.workers must be >= 1 for `cifar-ray train`")
+    arrays = load_split(cfg)
+    # A bad model or spec fails here, before Ray starts.
+    info = model_info(cfg.model.name, num_classes=len(arrays["classes"]), **cfg.model.args)
+    prepare_run_dir(out, resume, overwrite)
+    C.save_config(cfg, out / "config.yaml")
+    started_ray = not ray.is_initialized()
+    init_ray()
+    res = plan_resources(cfg.scale, check_resources)
+    history: dict[int, dict] = {}
+    if resume:
+        ckpts = rundir.checkpoint_dirs(out)
+        if ckpts:
+            from cifar_ray.engine import load_state
+
+            for row in load_state(ckpts[max(ckpts)] / rundir.STATE_FILE)["history"]:
+                history[row["epoch"]] = row
+    console = _Console(cfg.train.epochs)
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    trainer = make_trainer(cfg, ray.put(arrays), res, str(out), RUN_NAME, queue=queue)
+    del arrays  # the object store holds the one copy now
+    outcome: dict = {}
+
+    def _fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # surfaced in the main thread
+            outcome["error"] = e
+
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=_fit, daemon=True)
+    thread.start()
+    error = None
+    try:
+        while thread.is_alive() or not queue.empty():
+            try:
+                item = queue.get(timeout=0.2)
+            except Exception:
+                continue
+            if item[0] == "progress":
+                console.progress(*item[1:])
+            elif item[0] == "error":
+                error = item[1]
+            else:
+                history[item[1]["epoch"]] = item[1]
+                rows = [history[k] for k in sorted(history)]
+                rundir.write_metrics(rows, out / "metrics.csv")
+                console.epoch(item[1])
+        thread.join()
+    except KeyboardInterrupt:
+        echo(f"\ninterrupted: stopping workers; the last finished epoch is saved. "
+             f"Resume with: cifar-ray train --resume {out}")
+        if started_ray:
+            ray.shutdown()
+        thread.join(timeout=30)
+        error = "interrupted"
+    wall = time.perf_counter() - t0
+    if "error" in outcome and error is None:
+        raise RuntimeError(f"training failed: {outcome['error']}") from outcome["error"]
+    summary = finish_run(out, cfg, info, wall)
+    if started_ray and ray.is_initialized():
+        ray.shutdown()
+    if error:
+        summary["error"] = error
+    return summary
+
+
+def finish_run(out: Path, cfg: C.Config, info: dict, wall_seconds: float) -> dict:
+    """Write metrics.csv, curves.png and summary.json from the newest checkpoint's history
+    (the authority: it survives driver restarts and worker failures)."""
+    from cifar_ray.engine import load_state
+    from cifar_ray.report import plot_curves
+
+    ckpts = rundir.checkpoint_dirs(out)
+    history = load_state(ckpts[max(ckpts)] / rundir.STATE_FILE)["history"] if ckpts else []
+    if not history:
+        return {"epochs": 0}
+    rundir.write_metrics(history, out / "metrics.csv")
+    plot_curves(history, out / "curves.png", title=f"{cfg.model.name}")
+    best_ep = rundir.best_epoch(history, set(ckpts))
+    val = [h["val_acc"] for h in history]
+    last = history[-1]
+    train_seconds = sum(h["seconds"] for h in history)
+    summary = {
+        "model": cfg.model.name, "params": info["params"], "epochs": len(history),
+        "epochs_planned": cfg.train.epochs,
+        "best_val_acc": float(np.nanmax(val)) if np.isfinite(val).any() else None,
+        "final_val_acc": last["val_acc"], "final_train_acc": last["train_acc"],
+        "train_seconds": train_seconds, "wall_seconds": wall_seconds,
+        "images_per_second": float(np.mean([h["images_per_s"] for h in history])),
+        "best_epoch": best_ep, "last_epoch": max(ckpts),
+        "best_checkpoint": str(ckpts[best_ep].relative_to(out) / rundir.STATE_FILE),
+        "last_checkpoint": str(ckpts[max(ckpts)].relative_to(out) / rundir.STATE_FILE),
+    }
+    if "test_acc" in last:
+        summary["test_acc"] = last["test_acc"]
+    rundir.write_summary(out, summary)
+    return summary
