@@ -1,0 +1,13 @@
+"""Models: layer specs as data (spec.py), the registry (registry.py), the named models (zoo.py).
+
+    from cifar_ray.models import create_model, list_models, model_info
+    net = create_model("seed-vgg", num_classes=10, activation="leaky_relu")
+    net = create_model("my-net.yaml")
+"""
+
+from cifar_ray.models.registry import (create_model, get_spec, list_models, model_info,
+                                       register)
+from cifar_ray.models.spec import build_model, dump_spec, load_spec, normalize, summarize
+
+__all__ = ["build_model", "create_model", "dump_spec", "get_spec", "list_models",
+           "load_spec", "model_info", "normalize", "register", "summarize"]

@@ -1,0 +1,442 @@
+"""A network as data: a list of layers, checked, then walked once into an `nn.Module`.
+
+A layer is a mapping. The canonical form names its type under `type`:
+
+    {type: conv, filters: 64, kernel: 3, padding: same, batchnorm: true}
+
+The shorthand puts the type as the FIRST key, whose value is the layer's main argument
+(`MAIN_ARG`); a layer with no required argument may also be a bare string:
+
+    {conv: 64, kernel: 3, padding: same, batchnorm: true}
+    {maxpool: 2}   {dropout: 0.4}   {dense: 2000}   gap
+
+`normalize` turns either form into the canonical form with every default filled in; the
+builder only ever sees that. The builder tracks the (C, H, W) shape through the list and
+refuses, before any training, a layer whose output would be empty, naming the layer. A
+final `Linear(features, num_classes)` producing logits is always appended (a 4-D feature map
+is flattened first), so a spec describes the body of the network only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from cifar_ray.errors import UserError
+
+IN_SHAPE = (3, 32, 32)  # CIFAR images: channels, height, width
+
+# ---------------------------------------------------------------- activations
+
+# leaky_relu takes PyTorch's slope 0.01; write `leaky_relu:0.3` for Keras's LeakyReLU default.
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+ACTIVATION_HELP = ", ".join(ACTIVATIONS) + " (leaky_relu:SLOPE for another slope)"
+
+
+def _parse_activation(name: Any) -> tuple[str, float | None] | None:
+    """`relu` -> ('relu', None); `leaky_relu:0.3` -> ('leaky_relu', 0.3); bad -> None."""
+    if not isinstance(name, str):
+        return None
+    base, sep, arg = name.partition(":")
+    if base not in ACTIVATIONS or (sep and base != "leaky_relu"):
+        return None
+    if not sep:
+        return base, None
+    try:
+        return base, float(arg)
+    except ValueError:
+        return None
+
+
+def make_activation(name: str) -> nn.Module:
+    parsed = _parse_activation(name)
+    if parsed is None:
+        raise UserError(f"unknown activation {name!r}; valid: {ACTIVATION_HELP}")
+    base, slope = parsed
+    return nn.LeakyReLU(slope) if slope is not None else ACTIVATIONS[base]()
+
+
+# ---------------------------------------------------------------- the layer table
+
+REQUIRED = object()  # marks an argument without a default
+
+# type -> {argument: (kind, default)}. The kinds are checked by `_check_arg`.
+LAYERS: dict[str, dict[str, tuple[str, Any]]] = {
+    "conv": {
+        "filters": ("count", REQUIRED),
+        "kernel": ("count", 3),
+        "stride": ("count", 1),
+        "padding": ("padding", "valid"),  # Keras's default: no padding
+        "groups": ("count", 1),
+        "bias": ("bool", True),
+        "batchnorm": ("bool", False),  # conv -> BN -> activation
+        "activation": ("activation", "relu"),
+    },
+    "maxpool": {"size": ("count", 2), "stride": ("count_or_null", None)},  # stride null = size
+    "avgpool": {"size": ("count", 2), "stride": ("count_or_null", None)},
+    "batchnorm": {},
+    "act": {"activation": ("activation", "relu")},
+    "dropout": {"rate": ("rate", REQUIRED)},
+    "gap": {},  # global average pool: CxHxW -> C
+    "gmp": {},  # global max pool: CxHxW -> C
+    "flatten": {},
+    "dense": {
+        "units": ("count", REQUIRED),
+        "bias": ("bool", True),
+        "batchnorm": ("bool", False),  # dense -> BN -> activation
+        "activation": ("activation", "relu"),
+    },
+    # body: a list of layers. Shortcut: identity, or a 1x1 conv (+BN if the body has BN)
+    # when the body changes the shape. The activation is applied after the add.
+    "residual": {"body": ("layers", REQUIRED), "activation": ("activation", "relu")},
+}
+MAIN_ARG = {"conv": "filters", "maxpool": "size", "avgpool": "size", "act": "activation",
+            "dropout": "rate", "dense": "units", "residual": "body"}
+LAYER_TYPES = ", ".join(LAYERS)
+
+
+def _check_arg(kind: str, value: Any, where: str) -> Any:
+    """Return `value` if it is of `kind`, else raise a UserError saying what is expected."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{where} must be {what}, got {value!r}")
+
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "count" or (kind == "count_or_null" and value is not None):
+        if not is_int or value < 1:
+            raise bad("a positive integer")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "padding":
+        if value not in ("valid", "same"):
+            raise bad("valid or same")
+    elif kind == "activation":
+        if _parse_activation(value) is None:
+            raise bad(f"one of {ACTIVATION_HELP}")
+    elif kind == "rate":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise bad("a number in [0, 1)")
+        value = float(value)
+    elif kind == "layers":
+        if not isinstance(value, list) or not value:
+            raise bad("a non-empty list of layers")
+    return value
+
+
+# ---------------------------------------------------------------- normalize / compact
+
+def _canonical_dict(item: Any, where: str) -> dict:
+    """Either accepted form -> {type: ..., args...} (not yet checked against the table)."""
+    if isinstance(item, str):
+        return {"type": item}
+    if not isinstance(item, dict) or not item or not all(isinstance(k, str) for k in item):
+        raise UserError(f"{where}: expected a mapping like {{type: conv, filters: 64}} or a "
+                        f"layer name like gap, got {item!r}")
+    if "type" in item:
+        return dict(item)
+    # Shorthand: the first key is the type, its value the main argument.
+    kind, main = next(iter(item.items()))
+    out = {"type": kind, **{k: v for k, v in item.items() if k != kind}}
+    if main is not None and kind in MAIN_ARG:
+        if MAIN_ARG[kind] in out:
+            raise UserError(f"{where} ({kind}): {MAIN_ARG[kind]} given twice")
+        out[MAIN_ARG[kind]] = main
+    elif main is not None and kind in LAYERS:
+        raise UserError(f"{where} ({kind}): takes no value, got {main!r}; write just {kind}")
+    return out
+
+
+def normalize_layer(item: Any, at: str) -> dict:
+    """One layer in either form -> canonical dict, all arguments checked and filled in.
+
+    `at` names the layer in messages, e.g. `spec.yaml: layer 3`."""
+    layer = _canonical_dict(item, at)
+    kind = layer.pop("type")
+    if not isinstance(kind, str) or kind not in LAYERS:
+        hint = ("; in the shorthand the first key is the type" if not isinstance(item, str)
+                and "type" not in item and any(k in LAYERS for k in item) else "")
+        raise UserError(f"{at}: unknown layer type {kind!r}; valid types: {LAYER_TYPES}{hint}")
+    table = LAYERS[kind]
+    label = f"{at} ({kind})"
+    valid = ", ".join(table) or "none"
+    for key in layer:
+        if key not in table:
+            raise UserError(f"{label}: unknown argument {key!r}; valid arguments: {valid}")
+    out = {"type": kind}
+    for key, (arg_kind, default) in table.items():
+        if key not in layer:
+            if default is REQUIRED:
+                raise UserError(f"{label}: missing argument {key!r}; valid arguments: {valid}")
+            out[key] = default
+            continue
+        value = _check_arg(arg_kind, layer[key], f"{label}: {key}")
+        if arg_kind == "layers":
+            value = _normalize_list(value, f"{at}.")
+        out[key] = value
+    if kind == "conv" and out["padding"] == "same" and out["kernel"] % 2 == 0:
+        raise UserError(f"{label}: padding: same needs an odd kernel, got {out['kernel']}")
+    return out
+
+
+def _normalize_list(items: list, prefix: str) -> list[dict]:
+    return [normalize_layer(item, f"{prefix}{i}") for i, item in enumerate(items)]
+
+
+def _prefix(source: str | None) -> str:
+    return f"{source}: layer " if source else "layer "
+
+
+def normalize(spec: Any, source: str | None = None) -> list[dict]:
+    """Check a spec and return it in canonical form with every default filled in.
+
+    `source` (a file or model name) prefixes messages: `spec.yaml: layer 3 (conv): ...`."""
+    if not isinstance(spec, list):
+        raise UserError(f"{source or 'spec'}: a layer spec must be a list of layers, "
+                        f"got {type(spec).__name__}; see `cifar-ray models show seed-vgg --yaml`")
+    return _normalize_list(spec, _prefix(source))
+
+
+def compact(spec: list[dict]) -> list[dict]:
+    """Canonical layers without the arguments that equal their defaults (for writing files)."""
+    out = []
+    for layer in spec:
+        table = LAYERS[layer["type"]]
+        short = {"type": layer["type"]}
+        for key, value in layer.items():
+            if key == "type" or table[key][1] == value:
+                continue
+            short[key] = compact(value) if table[key][0] == "layers" else value
+        out.append(short)
+    return out
+
+
+def describe(layer: dict) -> str:
+    """One short line for tables and messages, e.g. `conv 64 3x3 same bn relu`."""
+    kind = layer["type"]
+    if kind == "conv":
+        k, s = layer["kernel"], layer["stride"]
+        text = f"conv {layer['filters']} {k}x{k}{f'/{s}' if s > 1 else ''} {layer['padding']}"
+        if layer["groups"] > 1:
+            text += f" g{layer['groups']}"
+    elif kind in ("maxpool", "avgpool"):
+        k, s = layer["size"], layer["stride"] or layer["size"]
+        text = f"{kind} {k}x{k}{f'/{s}' if s != k else ''}"
+    elif kind == "dense":
+        text = f"dense {layer['units']}"
+    elif kind == "dropout":
+        text = f"dropout {layer['rate']:g}"
+    elif kind == "classifier":
+        text = f"classifier -> {layer['units']} logits"
+    else:
+        text = kind
+    if layer.get("batchnorm") is True:
+        text += " bn"
+    if "activation" in layer and layer["activation"] != "identity":
+        text += f" {layer['activation']}"
+    return text
+
+
+# ---------------------------------------------------------------- the builder
+
+class Residual(nn.Module):
+    """act(body(x) + shortcut(x))."""
+
+    def __init__(self, body: nn.Module, shortcut: nn.Module, act: nn.Module):
+        super().__init__()
+        self.body, self.shortcut, self.act = body, shortcut, act
+
+    def forward(self, x):
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _has_bn(layers: list[dict]) -> bool:
+    return any(l["type"] == "batchnorm" or l.get("batchnorm") is True
+               or (l["type"] == "residual" and _has_bn(l["body"])) for l in layers)
+
+
+def _row(index, layer: dict, shape, module: nn.Module, macs: int) -> dict:
+    args = {k: v for k, v in layer.items() if k not in ("type", "body")}
+    return {"index": index, "type": layer["type"], "args": args, "out_shape": list(shape),
+            "params": _count(module), "macs": macs}
+
+
+def _conv(layer: dict, shape, label: str):
+    c, h, w = shape
+    k, s, g = layer["kernel"], layer["stride"], layer["groups"]
+    if c % g or layer["filters"] % g:
+        raise UserError(f"{label}: groups {g} must divide the input channels ({c}) and filters "
+                        f"({layer['filters']})")
+    pad = k // 2 if layer["padding"] == "same" else 0  # odd kernel: gives ceil(H / stride)
+    out = (layer["filters"], (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1)
+    parts = [nn.Conv2d(c, layer["filters"], k, s, pad, groups=g, bias=layer["bias"])]
+    macs = out[0] * out[1] * out[2] * (c // g) * k * k
+    return parts, out, macs
+
+
+def _build_layer(layer: dict, shape: tuple, at: str):
+    """One canonical layer at input `shape` -> (module, output shape, MACs, extra row keys).
+
+    `at` names it in messages (`model x: layer 5.1`)."""
+    kind = layer["type"]
+    label = f"{at} ({describe(layer)})"
+    spatial = len(shape) == 3
+    if kind in ("conv", "maxpool", "avgpool", "gap", "gmp", "residual") and not spatial:
+        raise UserError(f"{label}: needs a CxHxW feature map, but its input is a flat vector "
+                        f"of {shape[0]}; move it before flatten/gap/dense")
+    if kind == "dense" and spatial:
+        raise UserError(f"{label}: input is a {_fmt(shape)} feature map; put flatten or gap "
+                        f"before dense")
+    parts, macs = [], 0
+    if kind == "conv":
+        parts, out, macs = _conv(layer, shape, label)
+    elif kind in ("maxpool", "avgpool"):
+        k, s = layer["size"], layer["stride"] or layer["size"]
+        pool = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
+        parts = [pool(k, s)]
+        out = (shape[0], (shape[1] - k) // s + 1, (shape[2] - k) // s + 1)
+    elif kind == "batchnorm":
+        parts, out = [(nn.BatchNorm2d if spatial else nn.BatchNorm1d)(shape[0])], shape
+    elif kind == "act":
+        out = shape
+    elif kind == "dropout":
+        parts, out = [nn.Dropout(layer["rate"])], shape
+    elif kind in ("gap", "gmp"):
+        pool = nn.AdaptiveAvgPool2d if kind == "gap" else nn.AdaptiveMaxPool2d
+        parts, out = [pool(1), nn.Flatten()], (shape[0],)
+    elif kind == "flatten":  # a no-op on a vector, as Keras's Flatten
+        out = (shape[0] * shape[1] * shape[2],) if spatial else shape
+        parts = [nn.Flatten()] if spatial else []
+    elif kind == "dense":
+        parts, out = [nn.Linear(shape[0], layer["units"], bias=layer["bias"])], (layer["units"],)
+        macs = shape[0] * layer["units"]
+    elif kind == "residual":
+        return _build_residual(layer, shape, at, label)
+    else:  # pragma: no cover - normalize() has refused it
+        raise AssertionError(kind)
+    if min(out) < 1:
+        raise UserError(f"{label}: input {_fmt(shape)} gives {_fmt(max(0, d) for d in out[1:])}; "
+                        f"use padding: same or fewer pools")
+    if layer.get("batchnorm"):
+        parts.append((nn.BatchNorm2d if len(out) == 3 else nn.BatchNorm1d)(out[0]))
+    if "activation" in layer and layer["activation"] != "identity":
+        parts.append(make_activation(layer["activation"]))  # after BN, when there is one
+    module = parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+    return module, out, macs, {}
+
+
+def _build_residual(layer: dict, shape: tuple, at: str, label: str):
+    body, out, rows = _build_list(layer["body"], shape, f"{at}.")
+    if len(out) != 3:
+        raise UserError(f"{label}: its body must end with a CxHxW feature map, got a flat "
+                        f"vector of {out[0]}; remove flatten/gap/dense from the body")
+    shortcut, sc_row = nn.Identity(), None
+    if out != shape:
+        # A 1x1 conv with stride s gives ceil(H / s): it matches a body of strided
+        # same-padded convs (ceil(ceil(H / a) / b) = ceil(H / ab)), not a valid-padded one.
+        stride = next((s for s in range(1, shape[1] + 1)
+                       if (-(-shape[1] // s), -(-shape[2] // s)) == out[1:]), None)
+        if stride is None:
+            raise UserError(f"{label}: its body maps {_fmt(shape)} to {_fmt(out)}, which no "
+                            f"strided 1x1 shortcut can match; use padding: same in the body")
+        bn = _has_bn(layer["body"])
+        sc = {"type": "conv", "filters": out[0], "kernel": 1, "stride": stride,
+              "padding": "valid", "groups": 1, "bias": not bn, "batchnorm": bn,
+              "activation": "identity"}
+        shortcut, sc_out, sc_macs, _ = _build_layer(sc, shape, f"{at} shortcut")
+        sc_row = _row("shortcut", sc, sc_out, shortcut, sc_macs)
+    module = Residual(body, shortcut, make_activation(layer["activation"]))
+    macs = sum(r["macs"] for r in rows) + (sc_row["macs"] if sc_row else 0)
+    return module, out, macs, {"body": rows, "shortcut": sc_row}
+
+
+def _build_list(layers: list[dict], shape: tuple, prefix: str):
+    modules, rows = [], []
+    for i, layer in enumerate(layers):
+        module, shape, macs, extra = _build_layer(layer, shape, f"{prefix}{i}")
+        modules.append(module)
+        rows.append({**_row(i, layer, shape, module, macs), **extra})
+    return nn.Sequential(*modules), shape, rows
+
+
+def build(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
+          source: str | None = None) -> tuple[nn.Sequential, list[dict]]:
+    """Spec -> (module producing logits, one summary row per layer + the classifier).
+
+    Every row: {index, type, args, out_shape, params, macs}; a residual row adds `body`
+    (rows of its layers) and `shortcut` (a row, or None for the identity)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
+    layers = normalize(spec, source)
+    body, shape, rows = _build_list(layers, tuple(in_shape), _prefix(source))
+    modules = list(body)
+    if len(shape) == 3:  # the classifier takes a vector, as after Keras's Flatten
+        flat = (shape[0] * shape[1] * shape[2],)
+        modules.append(nn.Flatten())
+        rows.append(_row(len(rows), {"type": "flatten"}, flat, modules[-1], 0))
+        shape = flat
+    modules.append(nn.Linear(shape[0], num_classes))
+    rows.append(_row(len(rows), {"type": "classifier", "units": num_classes}, (num_classes,),
+                     modules[-1], shape[0] * num_classes))
+    return nn.Sequential(*modules), rows
+
+
+def build_model(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
+                source: str | None = None) -> nn.Sequential:
+    """Spec -> `nn.Sequential` whose output is (batch, num_classes) logits."""
+    return build(spec, num_classes, in_shape, source)[0]
+
+
+def summarize(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
+              source: str | None = None) -> dict:
+    """{params, macs, layers} per image, without allocating weights (meta device).
+
+    MACs count conv (Cout*Hout*Wout*Cin*k*k/groups) and dense/classifier (in*out)
+    multiply-accumulates; BN, pooling, activations and the residual add count 0."""
+    with torch.device("meta"):
+        _, rows = build(spec, num_classes, in_shape, source)
+    return {"params": sum(r["params"] for r in rows), "macs": sum(r["macs"] for r in rows),
+            "layers": rows}
+
+
+# ---------------------------------------------------------------- files
+
+def load_spec(path: str | os.PathLike) -> list[dict]:
+    """Read and check a layer-spec YAML file; returns the canonical, defaults-filled list."""
+    from cifar_ray.config import read_yaml  # the one place YAML read errors are worded
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such spec file")
+    return normalize(read_yaml(path, "spec"), str(path))
+
+
+def dump_spec(spec: Any, path: str | os.PathLike) -> None:
+    """Write a spec as YAML in canonical form, defaults left out (atomic)."""
+    from cifar_ray.fsutil import atomic_write
+
+    atomic_write(path, spec_yaml(spec))
+
+
+def spec_yaml(spec: Any) -> str:
+    text = yaml.safe_dump(compact(normalize(spec)), sort_keys=False, default_flow_style=None)
+    return "# cifar-ray layer spec; inspect with: cifar-ray models show THIS_FILE\n" + text
