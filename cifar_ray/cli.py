@@ -53,8 +53,9 @@ def _config_from_options(config, sets, flags: dict, base: dict | None = None):
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
 @click.option("--no-resource-check", is_flag=True, help="Start even if the Ray cluster lacks the CPUs/GPUs now (an autoscaler will add them).")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the workers' log lines.")
 def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config, sets, out,
-          resume, overwrite, no_resource_check):
+          resume, overwrite, no_resource_check, verbose):
     """Train a model on Ray Train (DDP); checkpoints, curves and a summary go to --out.
 
     Ray runs locally unless RAY_ADDRESS names a cluster."""
@@ -83,7 +84,7 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
             raise UserError("--out DIR is required (the run directory to create)")
         cfg = _config_from_options(config, sets, flags)
     summary = T.run(cfg, out, resume=bool(resume), overwrite=overwrite,
-                    check_resources=not no_resource_check)
+                    check_resources=not no_resource_check, verbose=verbose)
     if summary.get("error"):
         click.echo(f"error: {summary['error']}", err=True)
         sys.exit(130 if summary["error"] == "interrupted" else 1)

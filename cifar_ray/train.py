@@ -148,8 +148,11 @@ class Resources:
     gpu: bool
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS if set, else start a private local instance."""
+def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Connect to RAY_ADDRESS if set, else start a private local instance.
+
+    Workers' and Ray's own log lines reach the terminal only with `verbose`: the driver
+    prints progress itself, and a worker's error comes back with `fit()`'s exception."""
     import ray
 
     if ray.is_initialized():
@@ -157,10 +160,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+                 log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
 
 
 def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
@@ -186,7 +189,7 @@ def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
 def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: str,
                  queue=None, callbacks=None):
     """The TorchTrainer of one run (train and tune both build theirs here)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
@@ -203,6 +206,7 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: st
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -248,8 +252,17 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def absolute_paths(cfg: C.Config) -> C.Config:
+    """Spec files and data paths made absolute: Ray workers run in other folders."""
+    changes = {}
+    for key, value in (("model__name", cfg.model.name), ("data__source", cfg.data.source)):
+        if Path(value).exists():
+            changes[key] = str(Path(value).resolve())
+    return C.replace(cfg, **changes) if changes else cfg
+
+
 def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = False,
-        check_resources: bool = True, echo=print) -> dict:
+        check_resources: bool = True, verbose: bool = False, echo=print) -> dict:
     """Train `cfg` into run directory `out` on Ray Train; return the summary."""
     import ray
     from ray.util.queue import Queue
@@ -259,13 +272,14 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
     out = Path(out).resolve()
     if cfg.scale.workers < 1:
         raise UserError("scale.workers must be >= 1 for `cifar-ray train`")
+    cfg = absolute_paths(cfg)
     arrays = load_split(cfg)
     # A bad model or spec fails here, before Ray starts.
     info = model_info(cfg.model.name, num_classes=len(arrays["classes"]), **cfg.model.args)
     prepare_run_dir(out, resume, overwrite)
     C.save_config(cfg, out / "config.yaml")
     started_ray = not ray.is_initialized()
-    init_ray()
+    init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
     history: dict[int, dict] = {}
     if resume:

@@ -11,3 +11,15 @@ def _isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "cifar-ray-home"
     monkeypatch.setenv("CIFAR_RAY_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One small local Ray instance for the whole session (logical CPUs may exceed cores)."""
+    ray = pytest.importorskip("ray")
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=300 * 1024**2, logging_level="WARNING",
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()

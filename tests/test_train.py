@@ -1,0 +1,145 @@
+"""`cifar-ray train`, `evaluate`, `predict` on local Ray with tiny synthetic data."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cifar_ray import rundir
+from cifar_ray.cli import main
+
+pytestmark = pytest.mark.ray
+
+TINY_SPEC = """\
+- {conv: 16, kernel: 3, padding: same, batchnorm: true}
+- {maxpool: 2}
+- {conv: 32, kernel: 3, padding: same, batchnorm: true}
+- {maxpool: 2}
+- gap
+"""
+DETERMINISTIC = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    path.write_text(TINY_SPEC)
+    return str(path)
+
+
+def train(*args):
+    result = CliRunner().invoke(main, ["train", *map(str, args)])
+    return result
+
+
+def common(spec, data="synthetic:800"):
+    return ["--model", spec, "--data", data, "--batch-size", 64, "--lr", 0.05]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_local, spec, tmp_path_factory):
+    """A 2-worker DDP run that later tests evaluate and predict with."""
+    out = tmp_path_factory.mktemp("runs") / "ddp"
+    result = train(*common(spec), "--epochs", 3, "--workers", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_ddp_two_workers_learns_and_writes_run_dir(ddp_run):
+    out, result = ddp_run
+    assert "epoch   3/3" in result.output
+    rows = rundir.read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("best_val_acc", "final_val_acc", "epochs", "train_seconds",
+                "images_per_second", "model", "params"):
+        assert key in summary, key
+    assert summary["epochs"] == 3 and summary["params"] > 0
+    assert summary["best_val_acc"] > 0.3  # chance is 0.1
+    assert "test_acc" in summary  # synthetic has a test split
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file()
+    ckpts = rundir.checkpoint_dirs(out)
+    assert 3 in ckpts and summary["best_epoch"] in ckpts and len(ckpts) <= 2
+
+
+def test_evaluate_and_predict(ddp_run, tmp_path):
+    out, _ = ddp_run
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    ev = json.loads(result.output)
+    assert ev["n"] > 0 and 0.3 < ev["accuracy"] <= 1 and len(ev["per_class"]) == 10
+    assert sum(map(sum, ev["confusion"])) == ev["n"]
+    assert (out / "confusion-val.png").is_file()
+    text = CliRunner().invoke(main, ["evaluate", str(out), "--split", "test", "--tta"])
+    assert text.exit_code == 0 and "test accuracy" in text.output and "per class" in text.output
+    img = tmp_path / "x.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(img)
+    pred = CliRunner().invoke(main, ["predict", str(out), str(img), "--top-k", "2", "--json"])
+    assert pred.exit_code == 0, pred.output
+    top = json.loads(pred.output)[0]["top"]
+    assert len(top) == 2 and top[0]["prob"] >= top[1]["prob"] and top[0]["prob"] <= 1
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    res = CliRunner().invoke(main, ["predict", str(out), str(bad)])
+    assert res.exit_code == 2 and "bad.png: cannot decode image" in res.output
+
+
+def test_resume_equals_uninterrupted(ray_local, spec, tmp_path):
+    flags = [*common(spec, "synthetic:400"), "--set", "optim.schedule=constant"]
+    full = train(*flags, "--epochs", 2, "--out", tmp_path / "full")
+    assert full.exit_code == 0, full.output
+    part = train(*flags, "--epochs", 1, "--out", tmp_path / "part")
+    assert part.exit_code == 0, part.output
+    resumed = train("--resume", tmp_path / "part", "--epochs", 2)
+    assert resumed.exit_code == 0, resumed.output
+    a = rundir.read_metrics(tmp_path / "full" / "metrics.csv")
+    b = rundir.read_metrics(tmp_path / "part" / "metrics.csv")
+    assert [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for key in DETERMINISTIC:
+            assert ra[key] == rb[key], (ra["epoch"], key)
+
+
+def test_out_holding_a_run_is_refused(ddp_run, spec):
+    out, _ = ddp_run
+    before = (out / "metrics.csv").read_text()
+    result = train(*common(spec), "--epochs", 1, "--out", out)
+    assert result.exit_code == 2
+    assert "holds another run; pass --resume" in result.output
+    assert (out / "metrics.csv").read_text() == before
+
+
+def test_more_workers_than_cpus_fails_fast(ray_local, spec, tmp_path):
+    result = train(*common(spec), "--workers", 64, "--out", tmp_path / "big")
+    assert result.exit_code == 2 and "CPUs, the Ray cluster has" in result.output
+    gpu = train(*common(spec), "--gpu", "--out", tmp_path / "gpu")
+    assert gpu.exit_code == 2 and "GPUs, the Ray cluster has 0" in gpu.output
+
+
+def test_nan_loss_is_reported(ray_local, spec, tmp_path):
+    result = train(*common(spec, "synthetic:200"), "--lr", "1e12", "--set",
+                   "optim.warmup_epochs=0", "--set", "train.precision=fp32",
+                   "--epochs", 2, "--out", tmp_path / "nan")
+    assert result.exit_code == 1
+    assert re.search(r"error: loss became \S+ at epoch \d+, step \d+/\d+; lower optim.lr",
+                     result.output), result.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--resume", "nowhere"], "not a run directory"),
+    (["--model", "nope", "--data", "synthetic:200"], "unknown model 'nope'"),
+    (["--data", "synthetic:200"], "--out DIR is required"),
+    (["--data", "synthetic:200", "--set", "train.epoch=2"], "did you mean 'train.epochs'"),
+])
+def test_bad_train_input(args, match, tmp_path):
+    out = tmp_path / "run"
+    if "--resume" not in args and "synthetic:200" in args and "is required" not in match:
+        args = [*args, "--out", out]
+    result = train(*args)
+    assert result.exit_code == 2
+    assert match in result.output
+    assert not out.exists()  # nothing half-written
