@@ -152,6 +152,132 @@ def predict(target, images, top_k, tta, as_json):
         click.echo(f"{r['image']}: {tops}")
 
 
+@main.command("tune")
+@click.option("--space", "space_name", metavar="NAME|FILE", help="A built-in space (see --list-spaces) or a space YAML file.")
+@click.option("--data", help="Dataset for every trial (any SOURCE of `cifar-ray data prepare`); prepared and loaded once.")
+@click.option("--samples", type=int, help="Draws from the space's distributions (each crossed with its variants, grid and seeds).")
+@click.option("--seeds", type=int, help="Seeds per configuration; the report then tells real differences from seed noise.")
+@click.option("--max-epochs", type=int, help="Epochs of a trial ASHA never stops (default: the space's base train.epochs).")
+@click.option("--grace", type=int, help="ASHA: epochs every trial runs before it may be stopped (default 1).")
+@click.option("--reduction", type=float, help="ASHA: at each rung keep the best 1/R of trials (default 3).")
+@click.option("--concurrent", type=int, help="Trials at once (default: as many as the cluster's CPUs/GPUs hold).")
+@click.option("--workers-per-trial", type=int, help="1 (default): each trial runs the engine in its own process, no "
+              "Ray Train overhead. N > 1: each trial is a TorchTrainer with N DDP workers.")
+@click.option("--gpus-per-trial", type=float, help="One worker: a GPU share (0.25 packs 4 trials on a GPU). N workers: N (one whole GPU each).")
+@click.option("--cpus-per-trial", type=float, help="CPUs of a trial (all its workers together; default 1).")
+@click.option("--limit", type=int, help="Train every trial on a stratified subset of this many images.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key of the space's base config (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sweep directory to create.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the interrupted sweep in this directory.")
+@click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
+@click.option("--list-spaces", is_flag=True, help="List the built-in spaces and exit.")
+@click.option("--no-resource-check", is_flag=True, help="Start even if the cluster lacks a trial's CPUs/GPUs now (an autoscaler will add them).")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the trials' log lines.")
+def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, concurrent,
+             workers_per_trial, gpus_per_trial, cpus_per_trial, limit, sets, out, resume,
+             overwrite, list_spaces, no_resource_check, verbose):
+    """Run an ablation sweep on Ray Tune with ASHA early stopping; tables, the best config
+    and a report go to --out.
+
+    Each trial trains one configuration of the space (validated, every trial, before any
+    starts) and reports validation accuracy per epoch; ASHA stops the weak ones early. With
+    one worker per trial the trial runs the engine directly (a TorchTrainer would cost ~20 s
+    of worker start/stop per trial and buy nothing); with --workers-per-trial N it builds a
+    TorchTrainer with N DDP workers. All trials read one copy of the data in Ray's object
+    store. Ctrl-C or a killed driver: `cifar-ray tune --resume DIR` continues."""
+    from dataclasses import replace as dc_replace
+
+    from cifar_ray import config as C
+    from cifar_ray import space as S
+
+    if list_spaces:
+        for name, path in S.builtin_spaces().items():
+            sp = S.load_space(str(path))
+            click.echo(f"{name:<14} {sp.description}")
+        return
+    flags = {"samples": samples, "seeds": seeds, "max_epochs": max_epochs, "grace": grace,
+             "reduction": reduction, "concurrent": concurrent,
+             "workers_per_trial": workers_per_trial, "gpus_per_trial": gpus_per_trial,
+             "cpus_per_trial": cpus_per_trial}
+    if resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+        given += [f for f, v in (("--space", space_name), ("--data", data), ("--limit", limit),
+                                 ("--set", sets), ("--overwrite", overwrite)) if v]
+        if given:
+            raise UserError(f"--resume {resume}: a resumed sweep keeps its space and options "
+                            f"(got {', '.join(given)})")
+        if out and Path(out).resolve() != Path(resume).resolve():
+            raise UserError("give either --out or --resume, not both")
+        space, settings, out = None, None, resume
+    else:
+        if not space_name:
+            raise UserError("--space NAME|FILE is required (see cifar-ray tune --list-spaces)")
+        if not out:
+            raise UserError("--out DIR is required (the sweep directory to create)")
+        space = S.load_space(space_name)
+        if data is None and "source" not in (space.base.get("data") or {}):
+            raise UserError("--data DATA is required (or set data.source in the space's base)")
+        base = space.base
+        for item in sets:
+            key, value = C.parse_override(item)
+            base = S.apply(base, {key: value})
+        base = S.apply(base, {k: v for k, v in (("data.source", data), ("data.limit", limit))
+                              if v is not None})
+        C.from_dict(base, "--data/--limit/--set")
+        space = dc_replace(space, base=base)
+        settings = S.resolve_settings(space, flags)
+    _run_sweep(space, settings, out, bool(resume), overwrite, not no_resource_check, verbose)
+
+
+def _run_sweep(space, settings, out, resume, overwrite, check_resources, verbose):
+    from cifar_ray import sweepdir as D
+    from cifar_ray import tune as TU
+
+    sw = TU.run(space, settings, out, resume=resume, overwrite=overwrite,
+                check_resources=check_resources, verbose=verbose, echo=click.echo)
+    _echo_summary(sw)
+    incomplete = [t for t in sw.trials if t.status == "incomplete"]
+    if incomplete:
+        click.echo(f"error: sweep interrupted with {len(incomplete)} trial(s) unfinished; "
+                   f"continue with: cifar-ray tune --resume {sw.path}", err=True)
+        sys.exit(1)
+
+
+def _echo_summary(sw) -> None:
+    from cifar_ray import sweepdir as D
+    from cifar_ray.report import describe_changes
+
+    best = D.best_trial(sw)
+    counts = {s: sum(t.status == s for t in sw.trials) for s in ("done", "stopped", "failed")}
+    click.echo(f"{len(sw.trials)} trials: {counts['done']} done, {counts['stopped']} stopped by "
+               f"ASHA, {counts['failed']} failed")
+    if best is not None:
+        click.echo(f"best val acc {best.best_val_acc:.4f}: {best.trial_id} "
+                   f"({describe_changes(best.changes)}); config: {sw.path / 'best.yaml'}")
+    click.echo(f"report: {sw.path / 'report.md'}")
+
+
+@main.command()
+@click.argument("target", metavar="SWEEP_DIR|RUN_DIR", type=click.Path(path_type=Path))
+def report(target):
+    """Write report.md (ranked trials, seed noise, curves, one plot per swept key) for a
+    sweep directory, or report.md with curves for a run directory."""
+    from cifar_ray import rundir
+    from cifar_ray import sweepdir as D
+    from cifar_ray.report import run_report, sweep_report
+
+    if D.is_sweep(target):
+        sw = D.read_sweep(target)
+        D.write_tables(sw)
+        sweep_report(sw)
+        _echo_summary(sw)
+    elif rundir.is_run(target):
+        click.echo(f"report: {run_report(target)}")
+    else:
+        raise UserError(f"{target}: neither a sweep directory (space.yaml) nor a run "
+                        "directory (config.yaml)")
+
+
 def _register_commands():
     from cifar_ray.data.cli import data
     from cifar_ray.models.cli import models

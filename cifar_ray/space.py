@@ -1,0 +1,428 @@
+"""Ablation spaces: a YAML file that says what a sweep varies, checked against the config
+before any trial starts. No Ray imports (tune.py turns a Space into Tune's param_space).
+
+    description: one line shown by `cifar-ray tune --list-spaces`
+    base:                      # any config, nested as in a --config file
+      model: {name: cnn, args: {depth: 3}}
+      train: {epochs: 10}
+    grid:                      # every combination of these values
+      model.args.depth: [2, 3, 4]
+    choice:                    # one value drawn per sample
+      model.args.activation: [relu, gelu]
+    uniform:    {optim.lr: [0.01, 0.2]}           # [low, high]
+    loguniform: {optim.weight_decay: [1.0e-5, 1.0e-3]}   # [low, high], low > 0
+    randint:    {model.args.filters: [16, 65]}    # integers in [low, high)
+    variants:                  # named sets of overrides (each crossed with the grid)
+      - {name: wide, set: {model.args.width: 2.0}, note: "why", reference: 0.41}
+    sweep: {samples: 8, seeds: 1, max_epochs: 10, grace: 1, reduction: 3}  # option defaults
+
+Keys are dotted config keys (`cifar-ray train --set` syntax). A variant or value that sets
+`model.name` to another model starts that model's `model.args` empty: the base's args
+belong to the base's model. The dataset (`data.*`), the resources (`scale.*`) and the time
+budget (`train.epochs`, see --max-epochs) are the sweep's, not a trial's: they cannot vary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from cifar_ray import config as C
+from cifar_ray.errors import UserError
+
+SPACE_DIR = Path(__file__).parent / "spaces"
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+TOP_KEYS = ("description", "base", "grid", *DISTRIBUTIONS, "variants", "sweep")
+VARIANT_KEYS = ("name", "set", "note", "reference")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a sweep runs (the `cifar-ray tune` options); a space's `sweep:` gives defaults."""
+    samples: int = 1  # draws from the distributions (each crossed with variants x grid x seeds)
+    seeds: int = 1  # seeds per configuration: train.seed = base seed, +1, ...
+    max_epochs: int = 0  # epochs of a trial that is never stopped (0 = base train.epochs)
+    grace: int = 1  # ASHA: epochs before a trial may be stopped
+    reduction: float = 3.0  # ASHA: keep the best 1/reduction at each rung
+    concurrent: int = 0  # trials at once (0 = as many as the cluster holds)
+    workers_per_trial: int = 1  # 1: the engine in the trial itself; >1: a TorchTrainer (DDP)
+    gpus_per_trial: float = 0.0  # 1 worker: a GPU share (0.25 packs 4 on a GPU); >1: = workers
+    cpus_per_trial: float = 1.0  # CPUs of a trial's workers together
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    set: dict  # dotted key -> value
+    note: str = ""
+    reference: float | None = None  # an accuracy observed elsewhere (e.g. the seed's notes)
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    source: str  # the file, for messages
+    description: str = ""
+    base: dict = field(default_factory=dict)  # nested config data (not yet defaulted)
+    grid: dict = field(default_factory=dict)  # key -> list of values
+    dists: dict = field(default_factory=dict)  # key -> (kind, list)
+    variants: tuple = ()
+    sweep: dict = field(default_factory=dict)  # defaults for Settings
+
+    def swept_keys(self) -> list[str]:
+        """Keys that take different values across trials (variants count as `variant`)."""
+        return (["variant"] if self.variants else []) + list(self.grid) + list(self.dists)
+
+
+# ---------------------------------------------------------------- finding and reading
+
+def builtin_spaces() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SPACE_DIR.glob("*.yaml"))}
+
+
+def space_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    builtin = builtin_spaces()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
+    raise UserError(f"--space {name_or_path}: no such file or built-in space "
+                    f"(built-in: {', '.join(builtin)}; see --list-spaces)")
+
+
+def load_space(name_or_path: str) -> Space:
+    path = space_path(name_or_path)
+    data = C.read_yaml(path, "space")
+    return parse(data, str(path), name=path.stem, folder=path.parent)
+
+
+def _where(src: str, *parts) -> str:
+    return src + ": " + ".".join(str(p) for p in parts)
+
+
+def _check_key(key: Any, where: str) -> str:
+    if not isinstance(key, str):
+        raise UserError(f"{where}: keys must be dotted config keys, got {key!r}")
+    C.check_override_key(key, where)
+    fixed = key.startswith(("data.", "scale.")) or key == "train.epochs"
+    if fixed:
+        what = ("--max-epochs sets every trial's time budget" if key == "train.epochs" else
+                "the dataset is shared by all trials; set it in base or with --data/--limit"
+                if key.startswith("data.") else
+                "resources are the sweep's: use --workers-per-trial/--cpus-per-trial/--gpus-per-trial")
+        raise UserError(f"{where}: {key} cannot vary across trials ({what})")
+    return key
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: must be a mapping of dotted keys to values, got {value!r}")
+    return value
+
+
+def _absolute_model(value: Any, folder: Path | None) -> Any:
+    """A spec path relative to the working directory or to the space file, made absolute:
+    Tune runs each trial in its own folder."""
+    if not isinstance(value, str) or not value.endswith((".yaml", ".yml")):
+        return value
+    for root in (Path.cwd(), folder):
+        if root is not None and (root / value).is_file():
+            return str((root / value).resolve())
+    return value
+
+
+def parse(data: Any, source: str, name: str = "space", folder: Path | None = None) -> Space:
+    """Read a space from YAML data; structure only (see `check` for the values)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a space must be a mapping with keys {', '.join(TOP_KEYS)}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise UserError(f"{source}: unknown key {key!r}; a space has {', '.join(TOP_KEYS)}")
+    base = data.get("base") or {}
+    C.from_dict(base, _where(source, "base"))  # unknown keys and types, named
+    if isinstance(base.get("model"), dict) and "name" in base["model"]:
+        base = C.merge(base, {"model": {"name": _absolute_model(base["model"]["name"], folder)}})
+
+    grid = {}
+    for key, values in _mapping(data.get("grid"), _where(source, "grid")).items():
+        where = _where(source, "grid", key)
+        _check_key(key, _where(source, "grid"))
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: must be a non-empty list of values, got {values!r}")
+        grid[key] = [_absolute_model(v, folder) if key == "model.name" else v for v in values]
+
+    dists = {}
+    for kind in DISTRIBUTIONS:
+        for key, spec in _mapping(data.get(kind), _where(source, kind)).items():
+            _check_key(key, _where(source, kind))
+            if key in grid or key in dists:
+                raise UserError(f"{_where(source, kind, key)}: {key} is swept twice; "
+                                "give each key one grid or distribution")
+            dists[key] = (kind, _distribution(kind, spec, _where(source, kind, key)))
+
+    variants = _variants(data.get("variants"), source, folder)
+    for v in variants:
+        for key in v.set:
+            if key in grid or key in dists:
+                raise UserError(f"{_where(source, 'variants', v.name)}: sets {key}, which is "
+                                "also swept; vary a key either in variants or in a grid/distribution")
+
+    sweep = _mapping(data.get("sweep"), _where(source, "sweep"))
+    valid = [f.name for f in fields(Settings)]
+    for key in sweep:
+        if key not in valid:
+            raise UserError(f"{_where(source, 'sweep', key)}: unknown option; valid: {', '.join(valid)}")
+    if not (grid or dists or variants):
+        raise UserError(f"{source}: sweeps nothing; add a grid, a distribution "
+                        f"({', '.join(DISTRIBUTIONS)}) or variants")
+    return Space(name=name, source=source, description=str(data.get("description") or ""),
+                 base=base, grid=grid, dists=dists, variants=tuple(variants), sweep=dict(sweep))
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _distribution(kind: str, spec: Any, where: str) -> list:
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec:
+            raise UserError(f"{where}: must be a non-empty list of values, got {spec!r}")
+        return spec
+    if isinstance(spec, list):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        spec = [_float(x) for x in spec]
+    if not (isinstance(spec, list) and len(spec) == 2 and all(map(_number, spec))):
+        raise UserError(f"{where}: must be [low, high] (two numbers), got {spec!r}")
+    low, high = spec
+    if not low < high:
+        raise UserError(f"{where}: low must be < high, got [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise UserError(f"{where}: loguniform needs low > 0, got {low}")
+    if kind == "randint" and not all(isinstance(x, int) for x in spec):
+        raise UserError(f"{where}: randint needs integers [low, high) , got {spec!r}")
+    return [low, high]
+
+
+def _float(x: Any) -> Any:
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            pass
+    return x
+
+
+def _variants(items: Any, source: str, folder: Path | None) -> list[Variant]:
+    if items is None:
+        return []
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{source}: variants must be a non-empty list of "
+                        "{name: ..., set: {key: value}, note: ..., reference: ...}")
+    out, names = [], set()
+    for i, item in enumerate(items):
+        where = _where(source, "variants", i)
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise UserError(f"{where}: a variant is a mapping with a name, got {item!r}")
+        where = _where(source, "variants", item["name"])
+        for key in item:
+            if key not in VARIANT_KEYS:
+                raise UserError(f"{where}: unknown key {key!r}; a variant has {', '.join(VARIANT_KEYS)}")
+        if item["name"] in names:
+            raise UserError(f"{where}: the name is used twice; give each variant its own")
+        names.add(item["name"])
+        sets = {}
+        for key, value in _mapping(item.get("set"), where + ".set").items():
+            _check_key(key, where + ".set")
+            sets[key] = _absolute_model(value, folder) if key == "model.name" else value
+        ref = item.get("reference")
+        if ref is not None and not (_number(ref) and 0 <= ref <= 1):
+            raise UserError(f"{where}.reference: an accuracy in [0, 1], got {ref!r}")
+        out.append(Variant(item["name"], sets, str(item.get("note") or ""), ref))
+    return out
+
+
+# ---------------------------------------------------------------- trials' configs
+
+def apply(data: dict, overrides: dict) -> dict:
+    """Nested config data with dotted overrides; a new model.name starts empty model.args."""
+    for key in sorted(overrides, key=lambda k: k != "model.name"):  # the model first
+        value = overrides[key]
+        if key == "model.name" and value != (data.get("model") or {}).get("name"):
+            data = C.set_dotted(data, "model.args", {})
+        data = C.set_dotted(data, key, value)
+    return data
+
+
+def sweep_overrides(settings: Settings, base: dict) -> dict:
+    """What the sweep itself fixes in every trial's config."""
+    return {"train.epochs": max_epochs(settings, base), "scale.workers": settings.workers_per_trial,
+            "scale.gpu": settings.gpus_per_trial > 0}
+
+
+def max_epochs(settings: Settings, base: dict) -> int:
+    return settings.max_epochs or C.from_dict(base).train.epochs
+
+
+def trial_config(space: Space, settings: Settings, params: dict, where: str = "trial") -> C.Config:
+    """A trial's config from its Tune params: base <- variant <- swept keys <- sweep's own."""
+    data = space.base
+    if "variant" in params:
+        data = apply(data, next(v for v in space.variants if v.name == params["variant"]).set)
+    data = apply(data, {k: v for k, v in params.items() if k != "variant"})
+    data = apply(data, sweep_overrides(settings, space.base))
+    return C.from_dict(data, where)
+
+
+def seeds(space: Space, settings: Settings) -> list[int]:
+    first = C.from_dict(space.base).train.seed
+    return [first + i for i in range(settings.seeds)]
+
+
+def resolve_settings(space: Space, flags: dict) -> Settings:
+    """Settings from defaults <- the space's `sweep:` <- command-line flags (not None)."""
+    values = {**space.sweep, **{k: v for k, v in flags.items() if v is not None}}
+    out = Settings()
+    for f in fields(Settings):
+        if f.name in values:
+            v = values[f.name]
+            tp = type(getattr(out, f.name))
+            ok = _number(v) and (tp is float or isinstance(v, int))
+            if not ok:
+                raise UserError(f"--{f.name.replace('_', '-')}: must be a{'n integer' if tp is int else ' number'}, got {v!r}")
+            out = replace(out, **{f.name: tp(v)})
+    return out
+
+
+def check_settings(space: Space, s: Settings) -> None:
+    """Refuse impossible option combinations (before Ray starts)."""
+    epochs = max_epochs(s, space.base)
+    for flag, value, low in (("--samples", s.samples, 1), ("--seeds", s.seeds, 1),
+                             ("--max-epochs", epochs, 1), ("--grace", s.grace, 1),
+                             ("--workers-per-trial", s.workers_per_trial, 1),
+                             ("--concurrent", s.concurrent, 0), ("--gpus-per-trial", s.gpus_per_trial, 0),
+                             ("--cpus-per-trial", s.cpus_per_trial, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}")
+    if s.cpus_per_trial <= 0:
+        raise UserError(f"--cpus-per-trial {s.cpus_per_trial}: must be > 0")
+    if s.grace > epochs:
+        raise UserError(f"--grace {s.grace} exceeds --max-epochs {epochs}: ASHA could never "
+                        "stop a trial; use a grace <= max epochs")
+    if s.reduction <= 1:
+        raise UserError(f"--reduction {s.reduction}: must be > 1 (ASHA keeps 1/reduction per rung)")
+    if s.seeds > 1 and ("train.seed" in space.grid or "train.seed" in space.dists
+                        or any("train.seed" in v.set for v in space.variants)):
+        raise UserError(f"{space.source}: sweeps train.seed and --seeds {s.seeds} asks for seeds "
+                        "too; use one of them")
+    w = s.workers_per_trial
+    if w > 1 and s.gpus_per_trial not in (0, w):
+        raise UserError(f"--gpus-per-trial {s.gpus_per_trial:g} with --workers-per-trial {w}: "
+                        f"DDP workers take one whole GPU each; use --gpus-per-trial {w} or 0")
+    if w == 1 and s.gpus_per_trial > 1:
+        raise UserError(f"--gpus-per-trial {s.gpus_per_trial:g}: one worker uses one GPU; "
+                        "use a share <= 1, or --workers-per-trial N for N GPUs")
+    if w > 1 and s.cpus_per_trial < w:
+        raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g} is less than one CPU for each of "
+                        f"{w} workers; use --cpus-per-trial {w} or more")
+
+
+def points(space: Space, settings: Settings) -> list[dict]:
+    """Every trial's params (swept key -> value, `variant` for a variant), in run order:
+    samples x variants x grid x seeds. Distributions are drawn here, from a generator seeded
+    by the base seed, so a sampled configuration is the same for each of its seeds and a
+    rerun draws the same samples."""
+    import numpy as np
+
+    rng = np.random.default_rng(C.from_dict(space.base).train.seed)
+    names = [{"variant": v.name} for v in space.variants] or [{}]
+    grid = [dict(zip(space.grid, combo)) for combo in itertools.product(*space.grid.values())]
+    out = []
+    for _ in range(settings.samples):
+        drawn = {key: _draw(rng, kind, spec) for key, (kind, spec) in space.dists.items()}
+        for n in names:
+            for g in grid:
+                for seed in seeds(space, settings):
+                    out.append({**n, **g, **drawn,
+                                **({"train.seed": seed} if settings.seeds > 1 else {})})
+    return out
+
+
+def _draw(rng, kind: str, spec: list):
+    if kind == "choice":
+        return spec[int(rng.integers(len(spec)))]
+    low, high = spec
+    if kind == "randint":
+        return int(rng.integers(low, high))
+    if kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    return float(rng.uniform(low, high))
+
+
+def describe(params: dict) -> str:
+    """`variant wide, model.args.depth=4` (the seed left out)."""
+    return ", ".join([f"variant {v}" for k, v in params.items() if k == "variant"]
+                     + [f"{k}={v}" for k, v in params.items() if k not in ("variant", "train.seed")])
+
+
+def check(space: Space, settings: Settings) -> list[dict]:
+    """Build and check the config and the model of every trial the sweep will run (before
+    any starts); return their params (see `points`)."""
+    from cifar_ray.models import model_info
+
+    check_settings(space, settings)
+    if settings.samples > 1 and not space.dists:
+        raise UserError(f"--samples {settings.samples}: samples are draws from distributions "
+                        f"({', '.join(DISTRIBUTIONS)}) and {space.source} has none; "
+                        "use --seeds to repeat configurations")
+    models: set[str] = set()
+    trials = points(space, settings)
+    for params in trials:
+        where = f"{space.source}: {describe(params) or 'base'}"
+        cfg = trial_config(space, settings, params, where)
+        key = repr((cfg.model.name, sorted(cfg.model.args.items())))
+        if key not in models:
+            try:
+                model_info(cfg.model.name, **cfg.model.args)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+            models.add(key)
+    return trials
+
+
+# ---------------------------------------------------------------- the space as resolved
+
+def resolved(space: Space, settings: Settings, base_cfg: C.Config) -> dict:
+    """The space as run: base = the full resolved config, sweep = every setting. It is a
+    valid space file itself (`--space DIR/space.yaml` reruns it)."""
+    out: dict = {"description": space.description, "base": C.to_dict(base_cfg)}
+    if space.grid:
+        out["grid"] = space.grid
+    for key, (kind, spec) in space.dists.items():
+        out.setdefault(kind, {})[key] = spec
+    if space.variants:
+        out["variants"] = [{k: v for k, v in asdict(var).items() if v not in ("", None)}
+                           for var in space.variants]
+    out["sweep"] = asdict(settings)
+    return out
+
+
+def changes(base: C.Config, cfg: C.Config, skip=("train.seed",)) -> dict:
+    """Dotted key -> value for every leaf where `cfg` differs from `base` (model args one
+    by one; the args of a replaced model are not listed)."""
+    a, b = flatten(C.to_dict(base)), flatten(C.to_dict(cfg))
+    return {k: v for k, v in b.items() if (k not in a or a[k] != v) and k not in skip}
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and (v or prefix + k == "model.args"):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

@@ -1,0 +1,290 @@
+"""The sweep directory: what `cifar-ray tune --out DIR` leaves behind, and how to read it back.
+
+    DIR/space.yaml       the space as resolved: full base config + every sweep setting
+                         (a space file itself: `--space DIR/space.yaml` reruns the sweep)
+    DIR/status.json      trial id -> done | stopped | failed (+ reason), kept by the driver
+    DIR/results.parquet  one row per trial-epoch: trial_id, every swept key, the metrics
+    DIR/trials.csv       one row per trial: swept keys, best val acc, epochs, stopped early,
+                         checkpoint (relative to DIR)
+    DIR/best.yaml        the best trial's config (`cifar-ray train --config DIR/best.yaml`)
+    DIR/report.md        ranked table, seed noise, curves (`cifar-ray report DIR` rewrites it)
+    DIR/tune/            Ray Tune's experiment: tune/<trial id>/ with result.json and
+                         checkpoint_NNNNNN/state.pt (+ epoch.json)
+    DIR/train/           Ray Train's runs of multi-worker trials: train-<trial id>/epoch-NNNN/
+
+Reading needs no Ray: `cifar-ray report` works on a copied sweep directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cifar_ray import config as C
+from cifar_ray import space as S
+from cifar_ray.errors import UserError
+from cifar_ray.fsutil import atomic_write
+
+SPACE_FILE = "space.yaml"
+STATUS_FILE = "status.json"
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"
+EPOCH_FILE = "epoch.json"  # beside state.pt in a trial checkpoint: {"epoch": N}
+METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
+           "seconds", "eval_seconds", "test_acc")
+
+
+def is_sweep(path: Path) -> bool:
+    return (Path(path) / SPACE_FILE).is_file()
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    params: dict  # the trial's swept key -> value (+ variant, train.seed with --seeds)
+    config: C.Config
+    history: list[dict]  # one dict per epoch, in order, each epoch once
+    status: str  # done | stopped | failed | incomplete
+    reason: str = ""
+    checkpoint: str = ""  # best checkpoint's state.pt, relative to the sweep dir
+    changes: dict = field(default_factory=dict)  # dotted key -> value, vs the base (no seed)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+    @property
+    def best_val_acc(self) -> float | None:
+        vals = [h["val_acc"] for h in self.history if _finite(h.get("val_acc"))]
+        return max(vals) if vals else None
+
+    @property
+    def best_epoch(self) -> int | None:
+        scored = [(h["val_acc"], h["epoch"]) for h in self.history if _finite(h.get("val_acc"))]
+        return max(scored)[1] if scored else None
+
+    @property
+    def seed(self) -> int:
+        return self.config.train.seed
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass
+class Sweep:
+    path: Path
+    space: S.Space
+    settings: S.Settings
+    base: C.Config  # the base config as run
+    trials: list[Trial]
+
+    @property
+    def max_epochs(self) -> int:
+        return self.base.train.epochs
+
+
+# ---------------------------------------------------------------- reading
+
+def load_space(sweep: Path) -> tuple[S.Space, S.Settings, C.Config]:
+    path = Path(sweep) / SPACE_FILE
+    if not path.is_file():
+        raise UserError(f"{sweep}: not a sweep directory (no {SPACE_FILE})")
+    space = S.parse(C.read_yaml(path, "space"), str(path), name="space")
+    settings = S.resolve_settings(space, {})
+    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), str(path))
+    return space, settings, base
+
+
+def read_status(sweep: Path) -> dict:
+    path = Path(sweep) / STATUS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_status(sweep: Path, status: dict) -> None:
+    atomic_write(Path(sweep) / STATUS_FILE, json.dumps(status, indent=1, sort_keys=True) + "\n")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Tune's result.json: one JSON object per line; a torn last line (a killed driver) is
+    skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _checkpoints(sweep: Path, trial_dir: Path, rows: list[dict]) -> dict[int, Path]:
+    """Epoch -> state.pt of every checkpoint still on disk (Tune's, or Ray Train's for
+    multi-worker trials, whose paths come with the reported metrics)."""
+    found = {}
+    for d in trial_dir.glob("checkpoint_*"):
+        try:
+            epoch = json.loads((d / EPOCH_FILE).read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (d / "state.pt").is_file():
+            found[epoch] = d / "state.pt"
+    for row in rows:
+        path = row.get("checkpoint_path")
+        if path and "epoch" in row and (Path(path) / "state.pt").is_file():
+            found[row["epoch"]] = Path(path) / "state.pt"
+    return found
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _error_reason(trial_dir: Path) -> str:
+    """The last line of Tune's error.txt (the exception), for trials that crashed."""
+    err = trial_dir / "error.txt"
+    if not err.is_file():
+        return ""
+    lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "error"
+
+
+def read_sweep(sweep: Path) -> Sweep:
+    sweep = Path(sweep)
+    space, settings, base = load_space(sweep)
+    status = read_status(sweep)
+    trials = []
+    root = sweep / TUNE_DIR
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (d / "params.json").is_file():
+            continue
+        params = json.loads((d / "params.json").read_text()).get("trial", {})
+        rows = _read_rows(d / "result.json")
+        by_epoch = {r["epoch"]: r for r in rows if "epoch" in r and "error" not in r}
+        history = [{k: by_epoch[e][k] for k in METRICS if k in by_epoch[e]}
+                   for e in sorted(by_epoch)]
+        trial_id = next((r["trial_id"] for r in rows if "trial_id" in r), d.name)
+        errors = [r["error"] for r in rows if "error" in r]
+        known = status.get(trial_id, {})
+        if errors or known.get("status") == "failed" or _error_reason(d):
+            state = "failed"
+            reason = errors[-1] if errors else known.get("reason") or _error_reason(d)
+        elif known.get("status") in ("done", "stopped"):
+            state, reason = known["status"], ""
+        else:
+            state, reason = ("done" if len(history) >= base.train.epochs else "incomplete"), ""
+        cfg = S.trial_config(space, settings, params, f"{d}/params.json")
+        trial = Trial(trial_id, params, cfg, history, state, reason,
+                      changes=S.changes(base, cfg))
+        ckpts = _checkpoints(sweep, d, rows)
+        best = trial.best_epoch
+        pick = best if best in ckpts else (max(ckpts) if ckpts else None)
+        if pick is not None:
+            trial.checkpoint = _relative(ckpts[pick], sweep)
+        trials.append(trial)
+    return Sweep(sweep, space, settings, base, trials)
+
+
+# ---------------------------------------------------------------- writing the tables
+
+def swept_columns(sw: Sweep) -> list[str]:
+    """The keys that vary across the sweep's trials, in the space's order."""
+    keys = [k for k in sw.space.swept_keys()]
+    if sw.settings.seeds > 1:
+        keys.append("train.seed")
+    return keys
+
+
+def _param(trial: Trial, key: str):
+    if key == "train.seed":
+        return trial.seed
+    return trial.params.get(key)
+
+
+def ranked(sw: Sweep) -> list[Trial]:
+    """Trials by best val accuracy, best first; failed and empty ones last."""
+    return sorted(sw.trials, key=lambda t: (t.best_val_acc is None, -(t.best_val_acc or 0),
+                                            t.trial_id))
+
+
+def _column(values: list):
+    """A column pyarrow can hold: values of mixed kinds (numbers and words) become text."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) > 1 and not kinds <= {int, float}:
+        return [None if v is None else str(v) for v in values]
+    if kinds and not kinds <= {int, float, str, bool}:
+        return [None if v is None else json.dumps(v) for v in values]
+    return values
+
+
+def write_results(sw: Sweep) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = swept_columns(sw)
+    rows = [{"trial_id": t.trial_id, **{k: _param(t, k) for k in keys}, **h}
+            for t in sw.trials for h in t.history]
+    columns = ["trial_id", *keys, *METRICS]
+    table = pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write(sw.path / "results.parquet", buf.getvalue())
+
+
+def trial_rows(sw: Sweep) -> list[dict]:
+    keys = swept_columns(sw)
+    out = []
+    for t in ranked(sw):
+        acc = t.best_val_acc
+        out.append({"trial_id": t.trial_id, **{k: _param(t, k) for k in keys},
+                    "best_val_acc": "" if acc is None else round(acc, 6),
+                    "best_epoch": t.best_epoch or "", "epochs": t.epochs,
+                    "max_epochs": sw.max_epochs, "status": t.status,
+                    "stopped_early": t.status == "stopped", "reason": t.reason,
+                    "checkpoint": t.checkpoint})
+    return out
+
+
+def write_trials(sw: Sweep) -> None:
+    rows = trial_rows(sw)
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                             for k, v in row.items()})
+    atomic_write(sw.path / "trials.csv", buf.getvalue())
+
+
+def best_trial(sw: Sweep) -> Trial | None:
+    ok = [t for t in ranked(sw) if t.best_val_acc is not None and t.status != "failed"]
+    return ok[0] if ok else None
+
+
+def write_best(sw: Sweep) -> Trial | None:
+    """The best trial's config, ready for `cifar-ray train --config` (one worker)."""
+    best = best_trial(sw)
+    if best is not None:
+        cfg = C.replace(best.config, scale__workers=max(1, best.config.scale.workers))
+        header = (f"# best trial {best.trial_id} of sweep {sw.path.resolve()}: val acc "
+                  f"{best.best_val_acc:.4f} at epoch {best.best_epoch}\n")
+        atomic_write(sw.path / "best.yaml", header + C.dump_yaml(cfg))
+    return best
+
+
+def write_tables(sw: Sweep) -> None:
+    write_results(sw)
+    write_trials(sw)
+    write_best(sw)

@@ -1,0 +1,395 @@
+"""Ray Tune wrapper: a sweep is one Tune experiment over the trials of a space (space.py),
+with ASHA stopping weak trials on validation accuracy, epochs as the time unit.
+
+How a trial runs. Every trial is a Tune function (`run_trial`) that reports each epoch's
+metrics with a checkpoint and, when resumed, continues from its last checkpoint.
+- One worker per trial (the default): the function runs the engine itself, on its CPU
+  threads or its GPU share. A TorchTrainer here would add a worker group that only starts
+  and stops (~20 s a trial on a laptop) and a second process per trial, for no DDP at all.
+- `--workers-per-trial N > 1`: the function builds a TorchTrainer (train.make_trainer) whose
+  N DDP workers take whole GPUs (or CPUs), with TuneReportCallback forwarding each report to
+  Tune (design.md 4). The function itself holds only 0.1 CPU, and concurrency is capped so
+  that trial drivers can never hold the CPUs their own workers wait for.
+
+Data. The driver loads and splits the dataset once and puts it in the object store once;
+`tune.with_parameters` hands every trial a reference to that one copy. Images are stored
+NCHW, the layout the device loader keeps, so a CPU trial reads them in place (no copy per
+trial) and a GPU trial uploads them once.
+
+Resume. Tune keeps the experiment under DIR/tune; `--resume DIR` restores it: finished
+trials stay finished, trials that were running restart from their last checkpoint, pending
+ones start. ASHA's rung records are saved beside it, so its decisions carry over too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from cifar_ray import config as C
+from cifar_ray import rundir
+from cifar_ray import space as S
+from cifar_ray import sweepdir as D
+from cifar_ray import train as T
+from cifar_ray.errors import UserError
+from cifar_ray.fsutil import atomic_write
+
+TRIAL_DRIVER_CPU = 0.1  # what the Tune function of a multi-worker trial holds
+ASHA_FILE = "asha.json"  # inside DIR/tune: the scheduler's rung records
+TABLE_EVERY_S = 20.0  # seconds between progress tables
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every trial reads, put in the object store once (with_parameters)."""
+    data: object  # ObjectRef of the split's arrays (a multi-worker trial hands it on)
+    space: S.Space
+    settings: S.Settings
+    sweep_dir: str
+
+
+# ---------------------------------------------------------------- inside a trial
+
+class _EpochReporter:
+    """Engine -> Tune: each epoch's metrics with a checkpoint (state.pt + epoch.json)."""
+
+    def progress(self, epoch, step, steps):
+        pass
+
+    def epoch_end(self, metrics, state):
+        from cifar_ray.engine import save_state
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(state(), Path(tmp) / rundir.STATE_FILE)
+            atomic_write(Path(tmp) / D.EPOCH_FILE, json.dumps({"epoch": metrics["epoch"]}))
+            tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+class _ToTune(TuneReportCallback):
+    """TuneReportCallback that lets a failed run's last report through Tune's metric check
+    (a NaN loss reports only {"error": ...}): the trial is then shown as failed."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if "error" in metrics[0]:
+            metrics = [{**metrics[0], "val_acc": float("nan")}]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(config: dict, shared: Shared) -> None:
+    """The Tune function of one trial (see the module docstring)."""
+    cfg = S.trial_config(shared.space, shared.settings, config["trial"])
+    if shared.settings.workers_per_trial > 1:
+        _run_trainer(cfg, shared)
+    else:
+        _run_engine(cfg, shared)
+
+
+def _run_engine(cfg: C.Config, shared: Shared) -> None:
+    import torch
+
+    from cifar_ray import engine
+
+    torch.set_num_threads(max(1, int(shared.settings.cpus_per_trial)))
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = engine.load_state(Path(d) / rundir.STATE_FILE)
+    try:
+        engine.fit(cfg, T.to_split(ray.get(shared.data)), device=engine.pick_device(cfg.scale.gpu),
+                   resume=resume, reporter=_EpochReporter())
+    except (engine.NonFiniteLoss, UserError) as e:
+        # Deterministic failures: report the reason and end, rather than let Tune retry.
+        tune.report({"error": str(e), "val_acc": float("nan")})
+
+
+def _run_trainer(cfg: C.Config, shared: Shared) -> None:
+    s = shared.settings
+    trial_id = tune.get_context().get_trial_id()
+    res = T.Resources(s.workers_per_trial, max(1, int(s.cpus_per_trial // s.workers_per_trial)),
+                      s.gpus_per_trial > 0)
+    # Same name and storage on --resume: Ray Train continues from the run's last checkpoint.
+    trainer = T.make_trainer(cfg, shared.data, res, str(Path(shared.sweep_dir) / D.TRAIN_DIR),
+                             f"train-{trial_id}", callbacks=[_ToTune()])
+    trainer.run_config.failure_config.controller_failure_limit = 1  # fail, don't hang
+    trainer.fit()
+
+
+# ---------------------------------------------------------------- the driver's helpers
+
+class _ASHA(ASHAScheduler):
+    """ASHA whose rung records survive a killed driver (Ray does not save a scheduler's
+    state): written to DIR/tune/asha.json on every change, read back on --resume."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._file = None
+
+    def _sync(self, controller) -> None:
+        if self._file is None:
+            self._file = Path(controller.experiment_path) / ASHA_FILE
+            try:
+                saved = json.loads(self._file.read_text())
+            except (OSError, ValueError):
+                saved = []
+            for bracket, rungs in zip(self._brackets, saved):
+                for (_, recorded), (_, old) in zip(bracket._rungs, rungs):
+                    recorded.update(old)
+
+    def _save(self) -> None:
+        rungs = [[[m, recorded] for m, recorded in b._rungs] for b in self._brackets]
+        atomic_write(self._file, json.dumps(rungs))
+
+    def on_trial_add(self, tune_controller, trial):
+        self._sync(tune_controller)
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+class _Progress(tune.Callback):
+    """The driver's output: one line per trial that ends, a table every TABLE_EVERY_S, and
+    DIR/status.json (done / stopped / failed) kept up to date."""
+
+    def __init__(self, sweep_dir: str, max_epochs: int):
+        self.sweep_dir, self.max_epochs = sweep_dir, max_epochs
+
+    def setup(self, **info):
+        self.t0 = self.last_table = time.monotonic()
+        self.status = D.read_status(Path(self.sweep_dir))
+        self.best: dict = {}  # trial id -> best val acc so far
+
+    def _say(self, line: str) -> None:
+        print(line, flush=True)
+
+    def _label(self, trial) -> str:
+        params = trial.config.get("trial", {})
+        seed = f", seed {params['train.seed']}" if "train.seed" in params else ""
+        return (S.describe(params) or "base") + seed
+
+    def _end(self, trial, state: str, reason: str = "") -> None:
+        self.status[trial.trial_id] = {"status": state, **({"reason": reason} if reason else {})}
+        D.write_status(Path(self.sweep_dir), self.status)
+        r = trial.last_result or {}
+        epochs = r.get("epoch", 0)
+        if state == "failed":
+            what = reason
+        else:
+            best = self.best.get(trial.trial_id, float("nan"))
+            what = f"val acc {r.get('val_acc', float('nan')):.4f} (best {best:.4f}), {epochs}/{self.max_epochs} epochs"
+            if state == "stopped":
+                what += ", stopped by ASHA"
+        self._say(f"{state:<8} {trial.trial_id}  {self._label(trial)}: {what}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        acc = result.get("val_acc")
+        if isinstance(acc, float) and math.isfinite(acc):
+            self.best[trial.trial_id] = max(acc, self.best.get(trial.trial_id, -1.0))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        if "error" in r:
+            self._end(trial, "failed", r["error"])
+        else:
+            self._end(trial, "done" if r.get("epoch", 0) >= self.max_epochs else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        reason = D._error_reason(Path(trial.local_path)) if trial.local_path else ""
+        self._end(trial, "failed", reason or "the trial crashed (see its error.txt)")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last_table >= TABLE_EVERY_S:
+            self.table(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.table(trials)
+
+    def table(self, trials) -> None:
+        self.last_table = time.monotonic()
+        counts = {"running": 0, "pending": 0, "done": 0, "stopped": 0, "failed": 0}
+        running = []
+        for t in trials:
+            known = self.status.get(t.trial_id, {}).get("status")
+            if known in counts:
+                counts[known] += 1
+            elif t.status == "RUNNING":
+                counts["running"] += 1
+                running.append(t)
+            elif t.status in ("PENDING", "PAUSED"):
+                counts["pending"] += 1
+        elapsed = int(time.monotonic() - self.t0)
+        line = f"[{elapsed // 60}m{elapsed % 60:02d}s] " + ", ".join(f"{v} {k}" for k, v in counts.items())
+        if self.best:
+            tid = max(self.best, key=self.best.get)
+            label = next((self._label(t) for t in trials if t.trial_id == tid), "")
+            line += f" | best val acc {self.best[tid]:.4f} ({tid}: {label})"
+        self._say(line)
+        for t in running:
+            r = t.last_result or {}
+            if "epoch" in r:
+                self._say(f"  running  {t.trial_id}  epoch {r['epoch']}/{self.max_epochs}  "
+                          f"val acc {r.get('val_acc', float('nan')):.4f}  {self._label(t)}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    resources: dict  # of each trial's Tune function
+    concurrent: int | None  # max_concurrent_trials
+
+
+def plan(settings: S.Settings, check: bool = True) -> Plan:
+    """Each trial's resources and the concurrency cap; refuses a trial larger than the
+    cluster (Ray would wait for it forever)."""
+    s = settings
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    multi = s.workers_per_trial > 1
+    need_cpu = s.cpus_per_trial + (TRIAL_DRIVER_CPU if multi else 0.0)
+    need_gpu = float(s.workers_per_trial) if multi and s.gpus_per_trial else s.gpus_per_trial
+    if check:
+        if need_gpu > gpus:
+            raise UserError(f"--gpus-per-trial {s.gpus_per_trial:g}: a trial needs {need_gpu:g} "
+                            f"GPUs, the Ray cluster has {gpus:g}; use fewer, or add GPU nodes")
+        if need_cpu > cpus:
+            raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g}: a trial needs {need_cpu:g} "
+                            f"CPUs, the Ray cluster has {cpus:g}; use fewer")
+        if not multi and not any(n["Resources"].get("CPU", 0) >= need_cpu
+                                 and n["Resources"].get("GPU", 0) >= need_gpu
+                                 for n in ray.nodes() if n.get("Alive")):
+            raise UserError(f"no node of the Ray cluster has {need_cpu:g} CPUs and {need_gpu:g} "
+                            "GPUs for one trial; lower --cpus-per-trial/--gpus-per-trial")
+    if not multi:
+        return Plan({"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}, s.concurrent or None)
+    fit = int(cpus // need_cpu) if cpus else 1
+    if need_gpu:
+        fit = min(fit, int(gpus // need_gpu))
+    return Plan({"cpu": TRIAL_DRIVER_CPU}, max(1, min(s.concurrent or fit, fit)))
+
+
+def _quiet(verbose: bool) -> None:
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
+    if not verbose:
+        for name in ("ray.tune", "ray.train", "ray.air"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _shared_arrays(arrays: dict) -> dict:
+    """NCHW images (the device loader's layout): a CPU trial reads them in place."""
+    out = dict(arrays)
+    for key in ("train_x", "val_x", "test_x"):
+        if key in out:
+            out[key] = np.ascontiguousarray(out[key].transpose(0, 3, 1, 2))
+    return out
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "another sweep" if D.is_sweep(out) else "files"
+            raise UserError(f"--out {out}: holds {what}; pass --resume {out} to continue it, "
+                            "--overwrite to replace it, or choose another folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- the driver
+
+def run(space: S.Space, settings: S.Settings, out: Path, *, resume: bool = False,
+        overwrite: bool = False, check_resources: bool = True, verbose: bool = False,
+        echo=print) -> D.Sweep:
+    """Run (or with `resume`, continue) the sweep of `space` into `out`; write the tables
+    and the report; return the sweep as read back."""
+    from cifar_ray.report import sweep_report
+
+    out = Path(out).resolve()
+    if resume:
+        space, settings, _ = D.load_space(out)
+        if not (out / D.TUNE_DIR / "tuner.pkl").is_file():
+            raise UserError(f"--resume {out}: the sweep never started (no {D.TUNE_DIR}/tuner.pkl); "
+                            f"run it again with --overwrite")
+    settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
+    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
+    base = T.absolute_paths(base)
+    space = replace(space, base=C.to_dict(base))
+    trials = S.check(space, settings)  # every trial's config and model, before anything runs
+    arrays = _shared_arrays(T.load_split(base))
+    started_ray = not ray.is_initialized()
+    _quiet(verbose)
+    T.init_ray(verbose=verbose)
+    try:
+        p = plan(settings, check_resources)
+        if not resume:
+            _prepare_dir(out, overwrite)
+            atomic_write(out / D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
+        echo(f"sweep {space.name}: {len(trials)} trials, up to {base.train.epochs} epochs each "
+             f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
+             f"{'resuming' if resume else 'writing'} {out}")
+        shared = Shared(ray.put(arrays), space, settings, str(out))
+        del arrays  # the object store holds the one copy now
+        trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), p.resources)
+        tuner = _tuner(trainable, trials, settings, base, out, p, resume)
+        tuner.fit()
+        sw = D.read_sweep(out)
+        D.write_tables(sw)
+        sweep_report(sw)
+        return sw
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config, out: Path,
+           p: Plan, resume: bool):
+    if resume:
+        return tune.Tuner.restore(str(out / D.TUNE_DIR), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    scheduler = _ASHA(time_attr="epoch", max_t=base.train.epochs, grace_period=settings.grace,
+                      reduction_factor=settings.reduction)
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=p.concurrent,
+                                    trial_dirname_creator=_trial_dirname, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=D.TUNE_DIR, storage_path=str(out), verbose=0,
+            callbacks=[_Progress(str(out), base.train.epochs)],
+            failure_config=tune.FailureConfig(max_failures=base.scale.max_failures),
+            # The best checkpoint by val accuracy; Tune keeps the latest one too.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
+                                                    checkpoint_score_attribute="val_acc",
+                                                    checkpoint_score_order="max")),
+    )
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
