@@ -127,6 +127,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = engine.load_state(Path(d) / rundir.STATE_FILE)
+    # On --resume the driver sends the newest complete checkpoint on disk: Ray's own
+    # snapshot can lag one epoch behind when the previous driver was stopped mid-report.
+    if loop_config.get("resume") is not None:
+        newest = ray.get(loop_config["resume"])
+        if resume is None or newest["epoch"] > resume["epoch"]:
+            resume = newest
     reporter = _RayReporter(loop_config.get("queue"), rank)
     try:
         engine.fit(cfg, to_split(arrays), device=ray.train.torch.get_device(), rank=rank,
@@ -187,15 +193,16 @@ def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
 
 
 def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: str,
-                 queue=None, callbacks=None):
-    """The TorchTrainer of one run (train and tune both build theirs here)."""
+                 queue=None, callbacks=None, resume=None):
+    """The TorchTrainer of one run (train and tune both build theirs here). `resume`: an
+    object ref of a checkpoint state to start from when Ray's own is older or absent."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": C.to_dict(cfg), "data": data_ref, "queue": queue,
-                           "threads": res.cpus_per_worker},
+                           "threads": res.cpus_per_worker, "resume": resume},
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker,
@@ -261,6 +268,19 @@ def absolute_paths(cfg: C.Config) -> C.Config:
     return C.replace(cfg, **changes) if changes else cfg
 
 
+def newest_state(out: Path, echo=print) -> dict | None:
+    """The newest checkpoint of a run that loads; a copy cut short by a kill is skipped."""
+    from cifar_ray.engine import load_state
+
+    ckpts = rundir.checkpoint_dirs(out)
+    for epoch in sorted(ckpts, reverse=True):
+        try:
+            return load_state(ckpts[epoch] / rundir.STATE_FILE)
+        except UserError as e:
+            echo(f"warning: skipping checkpoint of epoch {epoch}: {e}")
+    return None
+
+
 def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = False,
         check_resources: bool = True, verbose: bool = False, echo=print) -> dict:
     """Train `cfg` into run directory `out` on Ray Train; return the summary."""
@@ -282,16 +302,16 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
     history: dict[int, dict] = {}
-    if resume:
-        ckpts = rundir.checkpoint_dirs(out)
-        if ckpts:
-            from cifar_ray.engine import load_state
-
-            for row in load_state(ckpts[max(ckpts)] / rundir.STATE_FILE)["history"]:
-                history[row["epoch"]] = row
+    resume_ref = None
+    newest = newest_state(out, echo) if resume else None
+    if newest is not None:
+        history = {row["epoch"]: row for row in newest["history"]}
+        resume_ref = ray.put(newest)
+        del newest
     console = _Console(cfg.train.epochs)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    trainer = make_trainer(cfg, ray.put(arrays), res, str(out), RUN_NAME, queue=queue)
+    trainer = make_trainer(cfg, ray.put(arrays), res, str(out), RUN_NAME, queue=queue,
+                           resume=resume_ref)
     del arrays  # the object store holds the one copy now
     outcome: dict = {}
 
@@ -342,13 +362,13 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
 def finish_run(out: Path, cfg: C.Config, info: dict, wall_seconds: float) -> dict:
     """Write metrics.csv, curves.png and summary.json from the newest checkpoint's history
     (the authority: it survives driver restarts and worker failures)."""
-    from cifar_ray.engine import load_state
     from cifar_ray.report import plot_curves
 
-    ckpts = rundir.checkpoint_dirs(out)
-    history = load_state(ckpts[max(ckpts)] / rundir.STATE_FILE)["history"] if ckpts else []
+    newest = newest_state(out, echo=lambda *a: None)
+    history = newest["history"] if newest else []
     if not history:
         return {"epochs": 0}
+    ckpts = {e: d for e, d in rundir.checkpoint_dirs(out).items() if e <= newest["epoch"]}
     rundir.write_metrics(history, out / "metrics.csv")
     plot_curves(history, out / "curves.png", title=f"{cfg.model.name}")
     best_ep = rundir.best_epoch(history, set(ckpts))

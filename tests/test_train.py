@@ -143,3 +143,60 @@ def test_bad_train_input(args, match, tmp_path):
     assert result.exit_code == 2
     assert match in result.output
     assert not out.exists()  # nothing half-written
+
+
+def test_newest_state_skips_a_checkpoint_cut_short(ddp_run, tmp_path):
+    import shutil
+
+    from cifar_ray.train import newest_state
+
+    out, _ = ddp_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ckpts = rundir.checkpoint_dirs(copy)
+    last = ckpts[max(ckpts)] / rundir.STATE_FILE
+    last.write_bytes(last.read_bytes()[:1000])  # a copy killed mid-write
+    warnings = []
+    state = newest_state(copy, echo=warnings.append)
+    if len(ckpts) > 1:
+        assert state is not None and state["epoch"] < max(ckpts)
+    else:
+        assert state is None
+    assert warnings and f"epoch {max(ckpts)}" in warnings[0]
+
+
+@pytest.mark.faults
+def test_ctrl_c_stops_after_saving_and_resume_continues(spec, tmp_path):
+    """A real `cifar-ray train` process gets SIGINT after epoch 1; it exits 130 with the
+    finished epochs saved, and --resume completes the run with one row per epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_ray", "train", *map(str, common(spec, "synthetic:1500")),
+                             "--epochs", "40", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch   1/40") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output
+    assert "Resume with: cifar-ray train --resume" in output
+    saved = rundir.checkpoint_dirs(out)
+    assert saved and min(saved) >= 1
+    resumed = subprocess.run([sys.executable, "-m", "cifar_ray", "train", "--resume", str(out),
+                              "--epochs", str(max(saved) + 1)], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = rundir.read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == list(range(1, max(saved) + 2))
