@@ -307,14 +307,14 @@ def check_settings(space: Space, s: Settings) -> None:
                              ("--concurrent", s.concurrent, 0), ("--gpus-per-trial", s.gpus_per_trial, 0),
                              ("--cpus-per-trial", s.cpus_per_trial, 0)):
         if value < low:
-            raise UserError(f"{flag} {value}: must be >= {low}")
+            raise UserError(f"{flag} {value:g}: must be >= {low}")
     if s.cpus_per_trial <= 0:
-        raise UserError(f"--cpus-per-trial {s.cpus_per_trial}: must be > 0")
+        raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g}: must be > 0")
     if s.grace > epochs:
         raise UserError(f"--grace {s.grace} exceeds --max-epochs {epochs}: ASHA could never "
                         "stop a trial; use a grace <= max epochs")
     if s.reduction <= 1:
-        raise UserError(f"--reduction {s.reduction}: must be > 1 (ASHA keeps 1/reduction per rung)")
+        raise UserError(f"--reduction {s.reduction:g}: must be > 1 (ASHA keeps 1/reduction per rung)")
     if s.seeds > 1 and ("train.seed" in space.grid or "train.seed" in space.dists
                         or any("train.seed" in v.set for v in space.variants)):
         raise UserError(f"{space.source}: sweeps train.seed and --seeds {s.seeds} asks for seeds "
@@ -343,7 +343,7 @@ def points(space: Space, settings: Settings) -> list[dict]:
     grid = [dict(zip(space.grid, combo)) for combo in itertools.product(*space.grid.values())]
     out = []
     for _ in range(settings.samples):
-        drawn = {key: _draw(rng, kind, spec) for key, (kind, spec) in space.dists.items()}
+        drawn = {key: _draw(rng, *space.dists[key]) for key in sorted(space.dists)}
         for n in names:
             for g in grid:
                 for seed in seeds(space, settings):

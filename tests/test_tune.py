@@ -1,0 +1,214 @@
+"""`cifar-ray tune` and `report` on local Ray with tiny synthetic data: ASHA stops weak trials,
+a NaN trial fails alone, the sweep directory is consistent, an interrupted sweep resumes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cifar_ray import config as C
+from cifar_ray import rundir
+from cifar_ray import sweepdir as D
+from cifar_ray.cli import main
+
+pytestmark = pytest.mark.ray
+
+DATA = "synthetic:600"  # learns to ~0.8 in 3 epochs with the base below, ~1 s an epoch
+BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 16, "convs": 1, "dense_layers": 0}},
+        "train": {"epochs": 3, "batch_size": 32}, "optim": {"lr": 0.1},
+        "aug": {"crop_pad": 0, "hflip": "none"}}
+
+
+def write_space(path: Path, **data) -> str:
+    path.write_text(yaml.safe_dump({"base": BASE, **data}))
+    return str(path)
+
+
+def tune(*args):
+    return CliRunner().invoke(main, ["tune", *map(str, args)])
+
+
+def read_trials(out: Path) -> list[dict]:
+    with open(out / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, tmp_path_factory):
+    """Good, frozen (lr 0: stays at chance) and NaN variants, two seeds each. Two at a time:
+    the frozen trials reach ASHA's first rung after a good one has, so one is stopped."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    space = write_space(tmp / "space.yaml", variants=[
+        {"name": "good"},
+        {"name": "frozen", "set": {"optim.lr": 0.0}, "reference": 0.5, "note": "no learning"},
+        {"name": "nan", "set": {"optim.lr": 1.0e12, "optim.warmup_epochs": 0.0,
+                                "train.precision": "fp32"}},
+    ])
+    out = tmp / "out"
+    result = tune("--space", space, "--data", DATA, "--seeds", 2, "--concurrent", 2,
+                  "--grace", 1, "--reduction", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_asha_stops_weak_trials_and_a_failed_trial_does_not_stop_the_sweep(sweep):
+    out, output = sweep
+    trials = {(t["variant"], t["train.seed"]): t for t in read_trials(out)}
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials.values()}) == 6
+    for seed in "01":
+        good, frozen, nan = (trials[(v, seed)] for v in ("good", "frozen", "nan"))
+        assert good["status"] == "done" and good["epochs"] == "3"
+        assert float(good["best_val_acc"]) > 0.4  # chance is 0.1
+        assert nan["status"] == "failed" and nan["epochs"] == "0"
+        assert "loss became nan at epoch 1" in nan["reason"]
+        assert float(frozen["best_val_acc"]) < 0.3
+    stopped = [t for t in trials.values() if t["stopped_early"] == "True"]
+    assert stopped and all(t["variant"] == "frozen" and int(t["epochs"]) < 3 for t in stopped)
+    # One line per trial that ends, with its fate; a table at the end.
+    assert output.count("stopped by ASHA") >= len(stopped)
+    assert output.count("\nfailed ") == 2 and "loss became nan" in output
+    assert "2 failed" in output and "best val acc" in output
+
+
+def test_results_trials_and_best_config_agree(sweep):
+    out, _ = sweep
+    trials = read_trials(out)
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert {"trial_id", "variant", "train.seed", "epoch", "val_acc", "train_acc"} <= set(rows[0])
+    for t in trials:
+        mine = [r for r in rows if r["trial_id"] == t["trial_id"]]
+        assert [r["epoch"] for r in mine] == list(range(1, int(t["epochs"]) + 1))
+        assert all(r["variant"] == t["variant"] and str(r["train.seed"]) == t["train.seed"]
+                   for r in mine)
+        if mine:
+            assert max(r["val_acc"] for r in mine) == pytest.approx(float(t["best_val_acc"]))
+            assert (out / t["checkpoint"]).is_file()  # the best checkpoint, kept
+    # Ranked best first; best.yaml is the top trial's config and `train --config` takes it.
+    accs = [float(t["best_val_acc"]) for t in trials if t["best_val_acc"]]
+    assert accs == sorted(accs, reverse=True)
+    best = C.load_config(str(out / "best.yaml"))
+    assert best.optim.lr == 0.1 and best.train.seed == int(trials[0]["train.seed"])
+    assert best.train.epochs == 3 and best.data.source == DATA
+    assert best.model.args == BASE["model"]["args"]
+    space = yaml.safe_load((out / "space.yaml").read_text())
+    assert space["sweep"]["seeds"] == 2 and space["base"]["data"]["source"] == DATA
+
+
+def test_report_ranks_compares_with_noise_and_plots(sweep):
+    out, _ = sweep
+    (out / "report.md").unlink()
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    assert "## Configurations against seed noise" in text and "Seed-to-seed noise" in text
+    frozen = next(line for line in text.splitlines() if line.startswith("| variant frozen"))
+    assert "worse, beyond noise" in frozen and "0.500 (ours" in frozen  # reference beside ours
+    assert "stopped by ASHA at epoch" in text and "failed: loss became nan" in text
+    for png in ("val-curves.png", "top-curves.png", "factor-variant.png"):
+        assert f"]({png})" in text and (out / png).stat().st_size > 5000
+
+
+def test_report_of_a_run_dir(tmp_path):
+    run = tmp_path / "run"
+    C.save_config(C.Config(), run / "config.yaml")
+    history = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.3 * e, "val_loss": 2.1 / e,
+                "val_acc": 0.25 * e, "lr": 0.1, "images_per_s": 100.0, "seconds": 1.0}
+               for e in (1, 2, 3)]
+    rundir.write_metrics(history, run / "metrics.csv")
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    text = (run / "report.md").read_text()
+    assert "| best val acc | 0.7500 (epoch 3) |" in text and "curves.png" in text
+    assert (run / "curves.png").is_file()
+
+
+def test_resources_beyond_the_cluster_fail_before_any_trial(ray_local, tmp_path):
+    space = write_space(tmp_path / "space.yaml", grid={"optim.lr": [0.1]})
+    for flags, match in ((["--cpus-per-trial", 64], "a trial needs 64 CPUs, the Ray cluster has 4"),
+                         (["--gpus-per-trial", 0.5], "a trial needs 0.5 GPUs, the Ray cluster has 0"),
+                         (["--workers-per-trial", 4, "--cpus-per-trial", 4],
+                          "a trial needs 4.1 CPUs")):
+        result = tune("--space", space, "--data", "synthetic:200", *flags, "--out", tmp_path / "o")
+        assert result.exit_code == 2, result.output
+        assert match in result.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_out_holding_a_sweep_is_refused(sweep):
+    out, _ = sweep
+    result = tune("--space", out / "space.yaml", "--out", out)
+    assert result.exit_code == 2 and "holds another sweep; pass --resume" in result.output
+
+
+def test_killed_sweep_resumes_with_every_trial_once(ray_local, tmp_path):
+    """Kill the driver (SIGKILL) once a trial has finished and another has a checkpoint;
+    --resume keeps the finished one and continues the other from its checkpoint."""
+    space = write_space(tmp_path / "space.yaml", grid={"optim.lr": [0.1, 0.05]})
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "cifar_ray", "tune", "--space", space, "--data", DATA,
+         "--seeds", "2", "--concurrent", "2", "--grace", "3", "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        finished, resumable = _wait_for_finished_and_checkpointed(out, driver)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    lines_at_kill = {t: _epochs_reported(out, t) for t in finished}
+    assert not (out / "trials.csv").exists()  # the driver never got to the end
+
+    result = tune("--resume", out)
+    assert result.exit_code == 0, result.output
+    trials = read_trials(out)
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert all(t["status"] == "done" and t["epochs"] == "3" for t in trials)
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    for t in trials:
+        assert sorted(r["epoch"] for r in rows if r["trial_id"] == t["trial_id"]) == [1, 2, 3]
+    for t, epochs in lines_at_kill.items():  # finished trials were not run again
+        assert _epochs_reported(out, t) == epochs
+    for t in resumable:  # continued from a checkpoint, not from scratch
+        assert _epochs_reported(out, t).count(1) == 1
+
+
+def _epochs_reported(out: Path, trial_id: str) -> list[int]:
+    path = out / D.TUNE_DIR / trial_id / "result.json"
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_for_finished_and_checkpointed(out: Path, driver, timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        finished = set(D.read_status(out))
+        running = [d.name for d in (out / D.TUNE_DIR).glob("*_0000*")
+                   if d.name not in finished and any(d.glob("checkpoint_*/epoch.json"))]
+        if finished and running:
+            time.sleep(1.0)  # let Tune record the checkpoint in its experiment state
+            return finished, running
+        time.sleep(0.2)
+    pytest.fail("no trial finished in time")
+
+
+def test_multi_worker_trials_run_as_torch_trainers(ray_local, tmp_path):
+    space = write_space(tmp_path / "space.yaml", grid={"optim.lr": [0.1]})
+    out = tmp_path / "out"
+    result = tune("--space", space, "--data", DATA, "--max-epochs", 2, "--workers-per-trial", 2,
+                  "--cpus-per-trial", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    (trial,) = read_trials(out)
+    assert trial["status"] == "done" and trial["epochs"] == "2"
+    assert float(trial["best_val_acc"]) > 0.2
+    # Ray Train's checkpoints of the trial's own TorchTrainer run.
+    assert trial["checkpoint"].startswith(f"{D.TRAIN_DIR}/train-{trial['trial_id']}/")
+    assert (out / trial["checkpoint"]).is_file()
