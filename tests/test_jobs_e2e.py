@@ -1,0 +1,309 @@
+"""End to end: a real Ray head on 127.0.0.1 (dashboard + job server, token auth), every job
+of jobs/ submitted in smoke mode with the `ray job submit` CLI, its results checked in the
+run storage, `cifar-ray report` run on a sweep.
+
+The head is private to this module: its own temp dir (so no `ray_current_cluster` file or
+session is left where other tests' Ray looks), its own free ports, its own token, and it is
+stopped by its process (SIGTERM to `ray start --block`, then its process group and every
+process it started), never by name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+JOB_TIMEOUT_S = 300
+
+
+# ---------------------------------------------------------------- the private head
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> start time of every process below `pid` (start time guards against reuse)."""
+    tree, out, todo = _children(), {}, [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            started = _start_time(child)
+            if started is not None:
+                out[child] = started
+                todo.append(child)
+    return out
+
+
+class Head:
+    def __init__(self, root: Path):
+        self.root = root
+        self.temp_dir = root / "ray"
+        self.token_path = root / "token"
+        self.token_path.write_text(os.urandom(24).hex())
+        self.storage = root / "storage"
+        (gcs, self.dashboard_port, client, agent_http, agent_grpc, runtime_env, metrics,
+         node_manager, object_manager) = _free_ports(9)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = self._env(root)
+        self.log = root / "ray-start.log"
+        cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client}",
+               f"--dashboard-agent-listen-port={agent_http}",
+               f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+               "--num-cpus=6", f"--object-store-memory={300 * 1024**2}",
+               f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=root,
+                                         start_new_session=True)
+
+    def _env(self, root: Path) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update({
+            # Token auth as on the cloud clusters of cluster/: the head and every client use
+            # this private token; the user's ~/.ray/auth_token is never read or written.
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM stops it at once
+            "CIFAR_RAY_HOME": str(root / "cache"),  # the prepared-data cache of the jobs
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        })
+        env.pop("CIFAR_RAY_STORAGE", None)
+        return env
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.ray("job", "list", check=False, timeout=30).returncode == 0:
+                return
+            time.sleep(2)
+        raise RuntimeError(f"the job server did not answer in {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        return "\n".join(lines[-n:])
+
+    def ray(self, *args, check: bool = True, timeout: float = JOB_TIMEOUT_S, env: dict | None = None):
+        args = list(args)
+        if args[0] == "job":
+            args[2:2] = ["--address", self.address]
+        result = subprocess.run([RAY, *args], env=env or self.env, capture_output=True, text=True,
+                                timeout=timeout, cwd=REPO)
+        if check and result.returncode != 0:
+            raise AssertionError(f"ray {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    def stop(self) -> None:
+        """SIGTERM to `ray start --block` (it stops its processes), then SIGKILL to its
+        process group and to anything it started that is still alive."""
+        if self.proc.poll() is None:
+            below = _descendants(self.proc.pid)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            below = {}
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid, started in below.items():
+            if _start_time(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def head(request):
+    # A short path: Ray's unix sockets live under the temp dir (limit ~107 characters).
+    root = Path(tempfile.mkdtemp(prefix="crj-", dir="/tmp"))
+    h = Head(root)
+    request.addfinalizer(lambda: (h.stop(), shutil.rmtree(root, ignore_errors=True)))
+    h.wait_ready()
+    return h
+
+
+# Every entrypoint of jobs/ in smoke mode: (script, extra arguments). All are submitted at
+# once (the head queues what its CPUs cannot hold), so the module takes about as long as
+# the slowest job, not the sum.
+JOBS = {
+    "smoke-train": ("train_ddp.py", ["--workers", "2"]),
+    "smoke-seed-journey": ("seed_journey.py", []),
+    "smoke-architecture": ("ablate_architecture.py", []),
+    "smoke-augmentation": ("ablate_augmentation.py", []),
+}
+
+
+def submit_cmd(head: Head, name: str, script: str, *args: str) -> list[str]:
+    return [RAY, "job", "submit", "--address", head.address, "--working-dir", str(REPO),
+            "--runtime-env", str(REPO / "jobs" / "runtime_env.local.yaml"),
+            "--submission-id", name, "--",
+            "python", f"jobs/{script}", "--smoke", "--storage", str(head.storage), *args]
+
+
+@pytest.fixture(scope="module")
+def submitted(head, request):
+    """`ray job submit` (the CLI, tailing the logs until the job ends) of every job."""
+    procs = {name: subprocess.Popen(submit_cmd(head, name, script, *args), env=head.env,
+                                    cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+             for name, (script, args) in JOBS.items()}
+
+    def _reap():
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    request.addfinalizer(_reap)
+    return procs
+
+
+def finished(head: Head, submitted: dict, name: str) -> str:
+    """Wait for job `name`; fail showing its logs unless `ray job submit` exited 0 and
+    `ray job status` says it succeeded. Returns what `ray job submit` printed."""
+    proc = submitted[name]
+    try:
+        output, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        head.ray("job", "stop", name, check=False, timeout=60)
+        output, _ = proc.communicate(timeout=60)
+    status = head.ray("job", "status", name, check=False, timeout=60)
+    said = status.stdout + status.stderr
+    if proc.returncode != 0 or f"job '{name}' succeeded" not in said.lower():
+        logs = head.ray("job", "logs", name, check=False, timeout=60)
+        pytest.fail(f"job {name} did not succeed (ray job submit exit {proc.returncode}):\n"
+                    f"{said.strip()}\n--- ray job logs {name} ---\n{logs.stdout[-8000:]}"
+                    f"{logs.stderr[-2000:]}\n--- ray job submit ---\n{output[-4000:]}",
+                    pytrace=False)
+    return output
+
+
+# ---------------------------------------------------------------- the tests
+
+def test_head_refuses_a_client_without_the_token(head):
+    env = {**head.env, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    result = head.ray("job", "list", check=False, timeout=60, env=env)
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "401" in said or "unauthorized" in said.lower(), said[-2000:]
+
+
+def test_head_keeps_its_address_file_in_its_temp_dir(head):
+    assert (head.temp_dir / "ray_current_cluster").is_file()
+
+
+def test_train_ddp_job(head, submitted):
+    output = finished(head, submitted, "smoke-train")
+    run = head.storage / "runs" / "smoke-train"
+    assert f"results: {run}" in output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["model"] == "cnn"
+    assert 0.0 <= summary["final_val_acc"] <= 1.0
+    for name in ("config.yaml", "metrics.csv", "curves.png"):
+        assert (run / name).is_file(), name
+    assert (run / summary["last_checkpoint"]).is_file()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["scale"]["workers"] == 2 and config["scale"]["gpu"] is False
+
+
+SWEEPS = {  # job -> (column of trials.csv, the values its trials must show)
+    "smoke-seed-journey": ("variant", {"s01-five-layers", "s10-many-filters"}),
+    "smoke-augmentation": ("variant", {"none", "rotate-crop"}),
+    "smoke-architecture": (None, None),  # two random draws
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEPS))
+def test_sweep_job(head, submitted, name, tmp_path):
+    output = finished(head, submitted, name)
+    sweep = head.storage / "sweeps" / name
+    assert f"results: {sweep}" in output
+    with open(sweep / "trials.csv", newline="") as f:
+        trials = list(csv.DictReader(f))
+    column, values = SWEEPS[name]
+    if column:
+        assert {t[column] for t in trials} == values
+    else:
+        assert len(trials) == 2
+    assert all(t["status"] == "done" and float(t["best_val_acc"]) >= 0 for t in trials), trials
+    # `cifar-ray report` works on the results as fetched from the storage (a copy).
+    copy = tmp_path / name
+    shutil.copytree(sweep, copy)
+    (copy / "report.md").unlink()
+    result = subprocess.run([sys.executable, "-m", "cifar_ray", "report", str(copy)],
+                            capture_output=True, text=True, timeout=120, env=head.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (copy / "report.md").read_text()
+    assert f"# Sweep report: {name}" in report
+    for t in trials:
+        assert t["trial_id"] in report
+
+
+def test_a_failing_job_fails_and_says_why(head):
+    """A job given the placeholder storage: `ray job submit` exits 1, the logs say why."""
+    result = subprocess.run(submit_cmd(head, "smoke-bad-storage", "train_ddp.py") + [
+        "--storage", "s3://CHANGE-ME/runs"], env=head.env, cwd=REPO, capture_output=True,
+        text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 1, result.stdout[-4000:]
+    logs = head.ray("job", "logs", "smoke-bad-storage", timeout=60).stdout
+    assert "error: run storage 's3://CHANGE-ME/runs' is still the placeholder" in logs
