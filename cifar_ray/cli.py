@@ -278,6 +278,26 @@ def report(target):
                         "directory (config.yaml)")
 
 
+@main.command()
+@click.option("--data", help="Dataset for every measurement (default: synthetic data).")
+@click.option("--quick", is_flag=True, help="Small synthetic run that prints every ratio (CI).")
+@click.option("--only", type=click.Choice(["loader", "ray", "speed"]), multiple=True,
+              help="Run only this measurement (repeatable).")
+@click.option("--gpu/--cpu", default=None, help="Device (default: the GPU when there is one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (progress goes to stderr).")
+def bench(data, quick, only, gpu, as_json):
+    """Side-by-side speed ratios: loader vs torchvision, Ray Train vs engine, time to accuracy."""
+    import json
+
+    from cifar_ray.bench import run_bench
+
+    device = None if gpu is None else ("cuda" if gpu else "cpu")
+    echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    result = run_bench(data, quick=quick, device=device, only=only, echo=echo)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
 def _register_commands():
     from cifar_ray.data.cli import data
     from cifar_ray.models.cli import models

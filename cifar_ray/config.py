@@ -63,6 +63,14 @@ class OptimConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing, [0, 1)
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
     ema_decay: float = 0.0  # exponential moving average of weights per step (0 = off)
+    # Decoupled units (airbench's; sgd only): lr is the step per 1024 images with momentum's
+    # gain 1 + 1/(1 - momentum) divided out, weight_decay the shrink per 1024 images whatever
+    # the lr; every parameter decays. Then batch size, momentum, lr and weight_decay can be
+    # tuned one at a time. Off: lr and weight_decay are PyTorch's own.
+    decoupled: bool = False  # use the decoupled units above (sgd only)
+    norm_lr_scale: float = 1.0  # lr multiplier for BatchNorm parameters (not their decay)
+    lookahead_every: int = 0  # every this many steps pull the weights to a slow copy (0 = off)
+    lookahead_decay: float = 0.774  # the slow copy's decay at the end; grows as progress**3
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,9 @@ RANGES = {
     "optim.label_smoothing": (0.0, 1.0, False),
     "optim.grad_clip": (0.0, None, True),
     "optim.ema_decay": (0.0, 1.0, False),
+    "optim.norm_lr_scale": (0.0, None, True),
+    "optim.lookahead_every": (0, None, True),
+    "optim.lookahead_decay": (0.0, 1.0, True),
     "train.epochs": (1, None, True),
     "train.batch_size": (1, None, True),
     "train.eval_batch_size": (1, None, True),

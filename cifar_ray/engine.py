@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_ray import config as C
-from cifar_ray.data.loader import DeviceLoader
+from cifar_ray.data.augment import normalize
+from cifar_ray.data.loader import DeviceLoader, derive_seed
 from cifar_ray.models import create_model
 
 STATE_FORMAT = 1  # bump when the checkpoint layout changes
+INIT_SAMPLE = 5000  # training images shown to data-dependent init (e.g. patch whitening)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -114,6 +116,40 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+class Lookahead:
+    """Lookahead on the weights: every `every` steps a slow copy moves toward the live
+    weights (slow <- d*slow + (1-d)*live) and training restarts from it (live <- slow).
+
+    d grows as `decay` * progress**3: early on the slow copy just follows; late in training
+    it averages out the noise of the last steps, as an EMA would, but the live weights feel
+    it too. After the last step the live weights are the slow ones. BatchNorm's running
+    statistics (floating-point buffers) are averaged along with the parameters."""
+
+    def __init__(self, model: nn.Module, every: int, decay: float):
+        self.every, self.decay = every, decay
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items()
+                     if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Call after optimizer step number `step` (counted from 1) of `total_steps`."""
+        last = step >= total_steps
+        if step % self.every and not last:
+            return
+        d = 1.0 if last else self.decay * (step / total_steps) ** 3
+        state = model.state_dict()
+        slow, live = list(self.slow.values()), [state[k] for k in self.slow]
+        torch._foreach_lerp_(slow, live, 1 - d)  # one fused launch per op, not one per tensor
+        torch._foreach_copy_(live, slow)
+
+    def state_dict(self) -> dict:
+        return self.slow
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.slow[k].copy_(v)
+
+
 # ---------------------------------------------------------------- building
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -130,13 +166,64 @@ def build_model(cfg: C.Config, num_classes: int, device: torch.device) -> nn.Mod
     return model
 
 
+def init_from_data(model: nn.Module, x: torch.Tensor) -> None:
+    """Data-dependent init: each submodule with an `init_from_data(inputs)` method (e.g. the
+    patch-whitening layer) is called with the batch that reaches it in one forward pass of
+    the images `x`; the pass stops after the last such module."""
+    targets = [m for m in model.modules() if hasattr(m, "init_from_data")]
+    if not targets:
+        return
+
+    class _Done(Exception):
+        pass
+
+    def stop(module, args, output):
+        raise _Done
+
+    handles = [m.register_forward_pre_hook(lambda m, args: m.init_from_data(args[0]))
+               for m in targets]
+    handles.append(targets[-1].register_forward_hook(stop))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Done:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def build_optimizer(cfg: C.Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Parameter groups by kind: weights (ndim > 1), BatchNorm parameters (lr times
+    `norm_lr_scale`) and other 1-D parameters (biases). In PyTorch's units only weights decay
+    (decay only fights a bias's or norm's scale). In decoupled units (`optim.decoupled`,
+    sgd) every kind decays by the same amount per step whatever its lr. Kinds with equal
+    settings share a group. Each group keeps its `lr_scale`: its lr is the schedule's times it."""
     o = cfg.optim
-    # No weight decay on biases and norm parameters: it only fights their scale.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    decoupled = o.decoupled and o.name == "sgd"
+    # Nesterov SGD's steps settle at 1 + 1/(1 - momentum) gradients; decoupled lr divides it out.
+    unit = cfg.train.batch_size / (1024 * (1 + 1 / (1 - o.momentum))) if decoupled else 1.0
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters(recurse=False)}
+
+    def settings(p) -> tuple[float, float]:  # (lr scale, weight decay)
+        kind = "weight" if p.ndim > 1 else "norm" if id(p) in norms else "bias"
+        scale = unit * (o.norm_lr_scale if kind == "norm" else 1.0)
+        if decoupled:  # per-step shrink lr_group * wd = weight_decay * unit for every group
+            return scale, (o.weight_decay * unit / (o.lr * scale) if o.lr * scale > 0 else 0.0)
+        return scale, o.weight_decay if kind == "weight" else 0.0
+
+    params = list(model.parameters())
+    keys = [settings(p) for p in params]
+    order = []  # the weights' group first, then the others by first appearance
+    for p, key in sorted(zip(params, keys), key=lambda pk: pk[0].ndim <= 1):
+        if key not in order:
+            order.append(key)
+    groups = [{"params": [p for p, key in zip(params, keys) if key == k], "lr": o.lr * k[0],
+               "lr_scale": k[0], "weight_decay": k[1]} for k in order]
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.momentum, 0.999))
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
@@ -189,6 +276,7 @@ class Loop:
     device: torch.device
     amp: torch.dtype | None
     step: int = 0  # global optimizer steps done
+    lookahead: Lookahead | None = None
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):
@@ -208,7 +296,7 @@ def train_epoch(loop: Loop, loader: DeviceLoader, epoch: int, total_steps: int,
     for i, (x, y) in enumerate(loader):
         lr = lr_at(cfg.optim, loop.step, total_steps, steps)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         with _autocast(loop.device, loop.amp):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
@@ -219,9 +307,11 @@ def train_epoch(loop: Loop, loader: DeviceLoader, epoch: int, total_steps: int,
             nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         loop.scaler.step(opt)
         loop.scaler.update()
+        loop.step += 1
+        if loop.lookahead is not None:
+            loop.lookahead.step(unwrap(model), loop.step, total_steps)
         if loop.ema is not None:
             loop.ema.update(unwrap(model))
-        loop.step += 1
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -235,6 +325,8 @@ def train_epoch(loop: Loop, loader: DeviceLoader, epoch: int, total_steps: int,
                     "lower optim.lr or set optim.grad_clip (e.g. --set optim.grad_clip=1.0)")
         if rank == 0 and (i % 5 == 0 or i == steps - 1):
             reporter.progress(epoch, i + 1, steps)
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize(loop.device)  # the epoch's time includes its queued GPU work
     seconds = time.perf_counter() - t0
     loss_total, correct_total, seen_total = all_sum(
         [loss_sum.item(), float(correct.item()), float(seen)], loop.device)
@@ -350,6 +442,8 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
     """Train `cfg.train.epochs` epochs (continuing from `resume` state) and return the
     metrics history, one dict per epoch. Raises NonFiniteLoss on a NaN/inf loss."""
     torch.manual_seed(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels
     num_classes = len(data.classes)
     model = build_model(cfg, num_classes, device)
     per_worker = max(1, cfg.train.batch_size // world_size)
@@ -363,7 +457,15 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
     optimizer = build_optimizer(cfg, model)
     amp = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    if resume is None and any(hasattr(m, "init_from_data") for m in model.modules()):
+        # A seeded sample of training images, the same on every rank.
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "init"))
+        idx = torch.randperm(len(train_loader.images), generator=gen)[:INIT_SAMPLE]
+        init_from_data(model, normalize(train_loader.images[idx.to(device)], data.mean,
+                                        data.std, channels_last=cfg.train.channels_last))
     ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    lookahead = (Lookahead(model, cfg.optim.lookahead_every, cfg.optim.lookahead_decay)
+                 if cfg.optim.lookahead_every > 0 else None)
 
     history: list[dict] = []
     start_epoch = 0
@@ -374,6 +476,8 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
             scaler.load_state_dict(resume["scaler"])
         if ema is not None and resume.get("ema"):
             ema.load_state_dict(resume["ema"])
+        if lookahead is not None and resume.get("lookahead"):
+            lookahead.load_state_dict(resume["lookahead"])
         history = list(resume["history"])
         start_epoch = resume["epoch"]
         set_rng_state(resume["rng"])
@@ -382,7 +486,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
     if cfg.train.compile:
         wrapped = torch.compile(wrapped)
     loop = Loop(cfg, wrapped, optimizer, scaler, ema, device, amp,
-                step=resume["step"] if resume else 0)
+                step=resume["step"] if resume else 0, lookahead=lookahead)
     total_steps = cfg.train.epochs * len(train_loader)
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -409,6 +513,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "ema": ema.state_dict() if ema is not None else None,
+                    "lookahead": lookahead.state_dict() if lookahead is not None else None,
                     "rng": rng_state(), "config": C.to_dict(cfg), "classes": list(data.classes),
                     "mean": list(data.mean), "std": list(data.std), "history": history,
                 }

@@ -31,7 +31,8 @@ def test_shorthand_and_canonical_forms_are_the_same_layers():
     assert normalize(short) == normalize(canonical)
     conv = normalize(short)[0]
     assert conv == {"type": "conv", "filters": 64, "kernel": 5, "stride": 1, "padding": "same",
-                    "groups": 1, "bias": True, "batchnorm": False, "activation": "relu"}
+                    "groups": 1, "bias": True, "batchnorm": False, "activation": "relu",
+                    "dirac": False}
 
 
 def test_defaults_follow_keras():

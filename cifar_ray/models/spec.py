@@ -19,10 +19,12 @@ is flattened first), so a spec describes the body of the network only.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -84,10 +86,12 @@ LAYERS: dict[str, dict[str, tuple[str, Any]]] = {
         "bias": ("bool", True),
         "batchnorm": ("bool", False),  # conv -> BN -> activation
         "activation": ("activation", "relu"),
+        "dirac": ("bool", False),  # start the first min(in, out) filters as the identity
     },
     "maxpool": {"size": ("count", 2), "stride": ("count_or_null", None)},  # stride null = size
     "avgpool": {"size": ("count", 2), "stride": ("count_or_null", None)},
-    "batchnorm": {},
+    # momentum as PyTorch's (weight of the new batch); scale: false keeps gamma at 1 (shift only)
+    "batchnorm": {"momentum": ("fraction", 0.1), "eps": ("positive", 1e-5), "scale": ("bool", True)},
     "act": {"activation": ("activation", "relu")},
     "dropout": {"rate": ("rate", REQUIRED)},
     "gap": {},  # global average pool: CxHxW -> C
@@ -102,9 +106,13 @@ LAYERS: dict[str, dict[str, tuple[str, Any]]] = {
     # body: a list of layers. Shortcut: identity, or a 1x1 conv (+BN if the body has BN)
     # when the body changes the shape. The activation is applied after the add.
     "residual": {"body": ("layers", REQUIRED), "activation": ("activation", "relu")},
+    # A frozen kxk conv set from the data (see `Whiten`): 2*C*k*k filters, valid padding.
+    "whiten": {"kernel": ("count", 2), "eps": ("positive", 5e-4)},
+    "mul": {"factor": ("number", REQUIRED)},  # multiply by a constant (e.g. scale the logits)
 }
 MAIN_ARG = {"conv": "filters", "maxpool": "size", "avgpool": "size", "act": "activation",
-            "dropout": "rate", "dense": "units", "residual": "body"}
+            "dropout": "rate", "dense": "units", "residual": "body", "whiten": "kernel",
+            "mul": "factor"}
 LAYER_TYPES = ", ".join(LAYERS)
 
 
@@ -129,6 +137,14 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
     elif kind == "rate":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise bad("a number in [0, 1)")
+        value = float(value)
+    elif kind in ("fraction", "positive", "number"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a number")
+        if kind == "fraction" and not 0 < value <= 1:
+            raise bad("a number in (0, 1]")
+        if kind == "positive" and value <= 0:
+            raise bad("a positive number")
         value = float(value)
     elif kind == "layers":
         if not isinstance(value, list) or not value:
@@ -188,6 +204,8 @@ def normalize_layer(item: Any, at: str) -> dict:
         out[key] = value
     if kind == "conv" and out["padding"] == "same" and out["kernel"] % 2 == 0:
         raise UserError(f"{label}: padding: same needs an odd kernel, got {out['kernel']}")
+    if kind == "conv" and out["dirac"] and out["groups"] > 1:
+        raise UserError(f"{label}: dirac needs groups: 1")
     return out
 
 
@@ -240,6 +258,12 @@ def describe(layer: dict) -> str:
         text = f"dropout {layer['rate']:g}"
     elif kind == "classifier":
         text = f"classifier -> {layer['units']} logits"
+    elif kind == "whiten":
+        text = f"whiten {layer['kernel']}x{layer['kernel']} (frozen)"
+    elif kind == "mul":
+        text = f"mul {layer['factor']:g}"
+    elif kind == "batchnorm" and not layer.get("scale", True):
+        text = "batchnorm (shift only)"
     else:
         text = kind
     if layer.get("batchnorm") is True:
@@ -260,6 +284,74 @@ class Residual(nn.Module):
 
     def forward(self, x):
         return self.act(self.body(x) + self.shortcut(x))
+
+
+class Whiten(nn.Module):
+    """Patch whitening: a kxk conv whose filters are the eigenvectors of the training data's
+    patch covariance, each divided by the square root of its eigenvalue (+ eps), and each
+    also negated (2*C*k*k filters: the activation after it is not odd, so both signs matter).
+    Its outputs start decorrelated with unit variance, which the first layers would otherwise
+    spend many steps learning. The filters are a buffer (never trained); the bias trains.
+
+    Until `init_from_data` sees images the filters are a plain conv's random init."""
+
+    def __init__(self, channels: int, kernel: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        weight = torch.empty(2 * channels * kernel * kernel, channels, kernel, kernel)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default
+        self.register_buffer("weight", weight)
+        self.bias = nn.Parameter(torch.zeros(len(weight)))
+
+    def forward(self, x):
+        # Bias added apart: autograd then needs no convolution backward at all (the input
+        # and the filters take no gradient), only a sum for the bias.
+        return F.conv2d(x, self.weight) + self.bias.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Set the filters from a batch of (normalized) images x (N,C,H,W)."""
+        c, k = x.shape[1], self.weight.shape[-1]
+        # Every kxk patch as a row of C*k*k values, in the conv weight's (C, k, k) order.
+        patches = x.float().unfold(2, k, 1).unfold(3, k, 1)  # N,C,H',W',k,k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+        cov = (patches.T @ patches / len(patches)).double().cpu()
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending; columns are vectors
+        filters = (eigenvectors / (eigenvalues + self.eps).sqrt()).T.flip(0)  # largest first
+        filters = filters.reshape(-1, c, k, k).to(self.weight)
+        self.weight.copy_(torch.cat([filters, -filters]))
+
+
+class ShiftBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with its scale fixed at 1: only the shift is learned (2-D or 4-D input).
+
+    The shift is added apart (PyTorch's CUDA batch-norm backward rejects a bias without a
+    weight); as a parameter of a BatchNorm module it is still a norm parameter."""
+
+    def __init__(self, num_features: int, eps: float, momentum: float):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=False)
+        self.shift = nn.Parameter(torch.zeros(num_features))
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected a 2-D or 4-D input, got {x.dim()}-D")
+
+    def forward(self, x):
+        return super().forward(x) + self.shift.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+class Mul(nn.Module):
+    """Multiply by a constant."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
 
 
 def _fmt(shape: Sequence[int]) -> str:
@@ -289,7 +381,11 @@ def _conv(layer: dict, shape, label: str):
                         f"({layer['filters']})")
     pad = k // 2 if layer["padding"] == "same" else 0  # odd kernel: gives ceil(H / stride)
     out = (layer["filters"], (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1)
-    parts = [nn.Conv2d(c, layer["filters"], k, s, pad, groups=g, bias=layer["bias"])]
+    conv = nn.Conv2d(c, layer["filters"], k, s, pad, groups=g, bias=layer["bias"])
+    if layer.get("dirac"):  # the first min(in, out) filters pass their input channel through
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight[:min(c, layer["filters"])])
+    parts = [conv]
     macs = out[0] * out[1] * out[2] * (c // g) * k * k
     return parts, out, macs
 
@@ -301,7 +397,7 @@ def _build_layer(layer: dict, shape: tuple, at: str):
     kind = layer["type"]
     label = f"{at} ({describe(layer)})"
     spatial = len(shape) == 3
-    if kind in ("conv", "maxpool", "avgpool", "gap", "gmp", "residual") and not spatial:
+    if kind in ("conv", "whiten", "maxpool", "avgpool", "gap", "gmp", "residual") and not spatial:
         raise UserError(f"{label}: needs a CxHxW feature map, but its input is a flat vector "
                         f"of {shape[0]}; move it before flatten/gap/dense")
     if kind == "dense" and spatial:
@@ -315,8 +411,22 @@ def _build_layer(layer: dict, shape: tuple, at: str):
         pool = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
         parts = [pool(k, s)]
         out = (shape[0], (shape[1] - k) // s + 1, (shape[2] - k) // s + 1)
+    elif kind == "whiten":
+        c, h, w = shape
+        k = layer["kernel"]
+        out = (2 * c * k * k, h - k + 1, w - k + 1)
+        if min(out) >= 1:
+            parts = [Whiten(c, k, layer["eps"])]
+            macs = out[0] * out[1] * out[2] * c * k * k
     elif kind == "batchnorm":
-        parts, out = [(nn.BatchNorm2d if spatial else nn.BatchNorm1d)(shape[0])], shape
+        if layer["scale"]:
+            bn = (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(
+                shape[0], eps=layer["eps"], momentum=layer["momentum"])
+        else:  # gamma fixed at 1: only the shift beta is learned
+            bn = ShiftBatchNorm(shape[0], eps=layer["eps"], momentum=layer["momentum"])
+        parts, out = [bn], shape
+    elif kind == "mul":
+        parts, out = [Mul(layer["factor"])], shape
     elif kind == "act":
         out = shape
     elif kind == "dropout":

@@ -166,3 +166,30 @@ def cnn(depth: int = 3, width: float = 1.0, filters: int = 32, growth: float = 2
     for _ in range(dense_layers):
         layers += [dense(max(1, round(units * width)), activation)] + drop
     return layers
+
+
+# ---------------------------------------------------------------- the speed recipe's net
+
+def _speed_block(filters: int, activation: str, bn: dict) -> list:
+    """conv -> 2x2 max pool -> BN -> act -> conv -> BN -> act: pooling right after the first
+    conv halves the cost of everything after it. Convs start as (partial) identities."""
+    def c(n):
+        return {**conv(n, padding="same", activation="identity"), "bias": False, "dirac": True}
+    return [c(filters), {"type": "maxpool", "size": 2}, bn, {"type": "act", "activation": activation},
+            c(filters), bn, {"type": "act", "activation": activation}]
+
+
+@register("speed")
+def speed(block1: int = 64, block2: int = 256, block3: int = 256, whiten: int = 2,
+          activation: str = "gelu", bn_momentum: float = 0.4, logit_scale: float = 1 / 9):
+    """The speed recipe's net (airbench94's design): patch whitening, 3 conv blocks, max pool."""
+    # whiten kxk (2*3*k*k frozen filters from the data, 32 -> 31) -> act, then three blocks
+    # 31 -> 15 -> 7 -> 3, a global max pool and a scaled linear classifier. BatchNorm learns
+    # only its shift (gamma stays 1) and keeps a short memory (PyTorch momentum 0.4): its
+    # running statistics follow the weights, which change fast at this learning rate.
+    bn = {"type": "batchnorm", "momentum": bn_momentum, "eps": 1e-12, "scale": False}
+    layers = [{"type": "whiten", "kernel": whiten}, {"type": "act", "activation": activation}]
+    for filters in (block1, block2, block3):
+        layers += _speed_block(filters, activation, bn)
+    # Scaling the features by logit_scale scales the logits the same way (up to the bias).
+    return layers + ["gmp", {"type": "mul", "factor": logit_scale}]
