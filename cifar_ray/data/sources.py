@@ -7,7 +7,7 @@ Kinds of source:
 - `cifar10`: the official tarball, downloaded into the cache with torchvision's utilities;
   a local copy of it; or its extracted `cifar-10-batches-py/` folder. These hold pickles, so
   nothing is unpickled before it has passed the official MD5 (the tarball's, or each batch
-  file's: the constants come from torchvision's CIFAR10 class).
+  file's, as torchvision's CIFAR10 class lists them).
 - an ImageFolder: a directory, .tar, .tar.gz/.tgz or .zip of `<class>/<image>` (one split,
   train) or `train|test/<class>/<image>`, JPEG or PNG. Archives are read in memory, never
   extracted, and members with absolute paths, `..`, links or devices are refused.
@@ -145,7 +145,10 @@ def _official_source(path: Path | None, description: str, read) -> Source:
 def _official_download() -> Source:
     def read() -> Decoded:
         path = download_cifar10()
-        return _read_official_tarball(path, _read_bytes(path))
+        raw = _read_bytes(path)
+        if hashlib.md5(raw, usedforsecurity=False).hexdigest() != CIFAR10_TGZ_MD5:  # the bytes we unpickle
+            raise UserError(f"{path}: MD5 differs from the official CIFAR-10 tarball's; delete it and run again")
+        return _read_official_tarball(path, raw)
 
     return _official_source(None, f"official CIFAR-10 ({CIFAR10_URL})", read)
 
@@ -532,12 +535,10 @@ def _decode_jpegs_torchvision(blobs, out, where) -> set[int]:
             images = decode_jpeg([torch.frombuffer(b, dtype=torch.uint8) for b in blobs], mode=mode.RGB)
         except (RuntimeError, ValueError):
             return set()
-    done = set()
-    for i, img in zip(where, images):
-        if img.shape == (3, 32, 32):
-            out[i] = img.permute(1, 2, 0).numpy()
-            done.add(i)
-    return done
+    done = [i for i, img in zip(where, images) if img.shape == (3, 32, 32)]
+    if done:  # decode_jpeg's CHW tensors are views of HWC buffers: permuted back, one copy
+        out[done] = torch.stack([img.permute(1, 2, 0) for img in images if img.shape == (3, 32, 32)]).numpy()
+    return set(done)
 
 
 def _decode_pil(name: str, blob: bytes, resize: bool) -> np.ndarray:
