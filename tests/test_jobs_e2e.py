@@ -89,13 +89,13 @@ class Head:
         self.token_path = root / "token"
         self.token_path.write_text(os.urandom(24).hex())
         self.storage = root / "storage"
-        (gcs, self.dashboard_port, client, agent_http, agent_grpc, runtime_env, metrics,
-         node_manager, object_manager) = _free_ports(9)
+        (self.gcs_port, self.dashboard_port, client, agent_http, agent_grpc, runtime_env,
+         metrics, node_manager, object_manager) = _free_ports(9)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = self._env(root)
         self.log = root / "ray-start.log"
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-               f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client}",
                f"--dashboard-agent-listen-port={agent_http}",
                f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -124,14 +124,18 @@ class Head:
         return env
 
     def wait_ready(self, timeout: float = 240) -> None:
+        """Until `ray start` has written its address file (its last step before it blocks)
+        and the job server answers."""
         deadline = time.monotonic() + timeout
+        address_file = self.temp_dir / "ray_current_cluster"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.ray("job", "list", check=False, timeout=30).returncode == 0:
+            if address_file.is_file() and self.ray("job", "list", check=False, timeout=30).returncode == 0:
+                self.gcs_address = address_file.read_text().strip()
                 return
             time.sleep(2)
-        raise RuntimeError(f"the job server did not answer in {timeout:.0f}s:\n{self.log_tail()}")
+        raise RuntimeError(f"the head was not ready in {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 40) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
@@ -266,8 +270,13 @@ def test_head_refuses_a_client_without_the_token(head):
     assert "401" in said or "unauthorized" in said.lower(), said[-2000:]
 
 
-def test_head_keeps_its_address_file_in_its_temp_dir(head):
-    assert (head.temp_dir / "ray_current_cluster").is_file()
+def test_head_advertises_itself_only_in_its_temp_dir(head):
+    """Ray's default temp dir, where `ray.init()` of other tests looks, never names this head."""
+    assert head.gcs_address.endswith(f":{head.gcs_port}")
+    from ray._common.utils import get_ray_address_file
+
+    default = Path(get_ray_address_file(None))  # /tmp/ray/ray_current_cluster
+    assert not default.is_file() or default.read_text().strip() != head.gcs_address
 
 
 def test_train_ddp_job(head, submitted):
