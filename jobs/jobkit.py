@@ -127,7 +127,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         description=description,
         epilog="Any other option is passed to the cifar-ray command as it is.")
     p.add_argument("--smoke", action="store_true",
-                   help=f"a seconds-long check on tiny generated data ({SMOKE_DATA}), on CPU")
+                   help=f"a check of about a minute on tiny generated data ({SMOKE_DATA}), on CPU")
     p.add_argument("--data", help="dataset (any SOURCE of `cifar-ray data prepare`; default cifar10)")
     p.add_argument("--storage", help=f"run storage: s3://BUCKET/PREFIX, gs://..., or a shared path "
                                      f"(default ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
