@@ -167,8 +167,8 @@ def predict(target, images, top_k, tta, as_json):
 @click.option("--cpus-per-trial", type=float, help="CPUs of a trial (all its workers together; default 1).")
 @click.option("--limit", type=int, help="Train every trial on a stratified subset of this many images.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key of the space's base config (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Sweep directory to create.")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the interrupted sweep in this directory.")
+@click.option("--out", help="Sweep directory to create (local, or a shared filesystem on a multi-node cluster).")
+@click.option("--resume", help="Continue the interrupted sweep in this directory.")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
 @click.option("--list-spaces", is_flag=True, help="List the built-in spaces and exit.")
 @click.option("--no-resource-check", is_flag=True, help="Start even if the cluster lacks a trial's CPUs/GPUs now (an autoscaler will add them).")
@@ -190,6 +190,12 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
     from cifar_ray import config as C
     from cifar_ray import space as S
 
+    for flag, value in (("--out", out), ("--resume", resume)):
+        if value and "://" in value:
+            raise UserError(f"{flag} {value}: a sweep directory must be a filesystem path (on a "
+                            "multi-node cluster, one all nodes share, e.g. NFS); URIs are not "
+                            "supported")
+    out, resume = (Path(v) if v else None for v in (out, resume))
     if list_spaces:
         for name, path in S.builtin_spaces().items():
             sp = S.load_space(str(path))
@@ -230,30 +236,30 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
 
 
 def _run_sweep(space, settings, out, resume, overwrite, check_resources, verbose):
-    from cifar_ray import sweepdir as D
     from cifar_ray import tune as TU
 
     sw = TU.run(space, settings, out, resume=resume, overwrite=overwrite,
                 check_resources=check_resources, verbose=verbose, echo=click.echo)
     _echo_summary(sw)
-    incomplete = [t for t in sw.trials if t.status == "incomplete"]
-    if incomplete:
-        click.echo(f"error: sweep interrupted with {len(incomplete)} trial(s) unfinished; "
+    unfinished = sw.planned - sum(t.status != "incomplete" for t in sw.trials)
+    if unfinished > 0:
+        click.echo(f"error: sweep interrupted with {unfinished} of {sw.planned} trials unfinished; "
                    f"continue with: cifar-ray tune --resume {sw.path}", err=True)
         sys.exit(1)
 
 
 def _echo_summary(sw) -> None:
     from cifar_ray import sweepdir as D
-    from cifar_ray.report import describe_changes
+    from cifar_ray.report import trial_label
 
     best = D.best_trial(sw)
     counts = {s: sum(t.status == s for t in sw.trials) for s in ("done", "stopped", "failed")}
-    click.echo(f"{len(sw.trials)} trials: {counts['done']} done, {counts['stopped']} stopped by "
-               f"ASHA, {counts['failed']} failed")
+    click.echo(f"{sw.planned} trials: {counts['done']} done, {counts['stopped']} stopped by "
+               f"ASHA, {counts['failed']} failed"
+               + (f", {sw.planned - sum(counts.values())} unfinished" if sw.planned > sum(counts.values()) else ""))
     if best is not None:
-        click.echo(f"best val acc {best.best_val_acc:.4f}: {best.trial_id} "
-                   f"({describe_changes(best.changes)}); config: {sw.path / 'best.yaml'}")
+        click.echo(f"best val acc {best.best_val_acc:.4f}: {best.trial_id} ({trial_label(best)}); "
+                   f"config: {sw.path / 'best.yaml'}")
     click.echo(f"report: {sw.path / 'report.md'}")
 
 

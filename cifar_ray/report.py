@@ -73,10 +73,12 @@ def t975(df: int) -> float:
 
 @dataclass
 class Group:
-    """One configuration (a trial's params without the seed) and its seeds' accuracies."""
+    """One configuration (a trial's params without the seed) and its seeds' accuracies.
+    Only seeds that ran every epoch count: a trial ASHA stopped had a shorter budget, so its
+    accuracy says "worse at a rung", not how good the configuration is."""
     label: str
     params: dict
-    values: list[float]  # best val acc of each finished seed
+    values: list[float]  # best val acc of each seed that ran all epochs
     trials: list = field(default_factory=list)
     reference: float | None = None
     changes: dict = field(default_factory=dict)
@@ -107,9 +109,14 @@ class Noise:
 
     def verdict(self, g: Group) -> str:
         if g is self.base:
-            return "base"
-        if not g.values or not self.base.values:
-            return "no result"
+            return "base" if g.values else "base (no full run)"
+        if not g.values:
+            stopped = sum(t.status == "stopped" for t in g.trials)
+            if stopped:
+                return f"stopped by ASHA ({stopped}/{len(g.trials)} seeds)"
+            return "failed" if all(t.status == "failed" for t in g.trials) else "no result"
+        if not self.base.values:
+            return "no base to compare"
         d, half = self.delta(g)
         if half is None:
             return "noise unknown (1 seed)"
@@ -133,7 +140,7 @@ def noise(sw) -> Noise:
                                     reference=refs.get(params.get("variant")),
                                     changes=dict(t.changes))
         g.trials.append(t)
-        if t.status != "failed" and t.best_val_acc is not None:
+        if t.status == "done" and t.best_val_acc is not None:
             g.values.append(t.best_val_acc)
     listed = list(groups.values())
     base = next((g for g in listed if not g.changes), listed[0] if listed else None)
@@ -153,7 +160,7 @@ def describe_changes(changes: dict) -> str:
     return ", ".join(f"{k.removeprefix('model.args.')}={_fmt(v)}" for k, v in changes.items()) or "no change"
 
 
-def _label(t) -> str:
+def trial_label(t) -> str:
     params = t.params
     seed = f" s{t.seed}" if "train.seed" in params else ""
     from cifar_ray.space import describe
@@ -170,7 +177,7 @@ def plot_sweep_curves(sw, ranked: list, path: Path) -> None:
         style = "--" if t.status == "stopped" else ("-" if t.status == "done" else ":")
         ax.plot([h["epoch"] for h in t.history], [h.get("val_acc") for h in t.history], style,
                 marker="o", markersize=3, alpha=0.9 if i < 8 else 0.35,
-                label=f"{t.trial_id} {_label(t)}"[:60] if i < 12 else None)
+                label=f"{t.trial_id} {trial_label(t)}"[:60] if i < 12 else None)
     ax.set(xlabel="epoch", ylabel="validation accuracy",
            title="validation accuracy (dashed: stopped by ASHA)")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -190,7 +197,7 @@ def plot_top_curves(ranked: list, path: Path, top: int = 3) -> None:
         epochs = [h["epoch"] for h in t.history]
         ax.plot(epochs, [h.get("train_acc") for h in t.history], "-", marker="o", label="train")
         ax.plot(epochs, [h.get("val_acc") for h in t.history], "--", marker="o", label="validation")
-        ax.set(xlabel="epoch", ylabel="accuracy", title=f"{t.trial_id}\n{_label(t)}"[:70])
+        ax.set(xlabel="epoch", ylabel="accuracy", title=f"{t.trial_id}\n{trial_label(t)}"[:70])
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.title.set_fontsize(8)
         ax.grid(alpha=0.3)
@@ -263,11 +270,12 @@ def sweep_report(sw) -> Path:
     nz = noise(sw)
     E = sw.max_epochs
     counts = {s: sum(t.status == s for t in sw.trials) for s in ("done", "stopped", "failed", "incomplete")}
+    counts["incomplete"] += sw.planned - len(sw.trials)  # never started
     lines = [f"# Sweep report: {out.name}", ""]
     if sw.space.description:
         lines += [sw.space.description, ""]
     st = sw.settings
-    lines += [f"{len(sw.trials)} trials: {counts['done']} ran all {E} epochs, {counts['stopped']} "
+    lines += [f"{max(sw.planned, len(sw.trials))} trials: {counts['done']} ran all {E} epochs, {counts['stopped']} "
               f"stopped early by ASHA, {counts['failed']} failed"
               + (f", {counts['incomplete']} incomplete (`cifar-ray tune --resume {out}`)"
                  if counts["incomplete"] else "")
@@ -277,7 +285,7 @@ def sweep_report(sw) -> Path:
     best = best_trial(sw)
     if best is not None:
         lines += [f"**Best: {best.best_val_acc:.4f}** validation accuracy, trial `{best.trial_id}` "
-                  f"({_label(best)}: {describe_changes(best.changes)}), epoch {best.best_epoch}. "
+                  f"({trial_label(best)}: {describe_changes(best.changes)}), epoch {best.best_epoch}. "
                   "Its config: "
                   f"`best.yaml` (`cifar-ray train --config {out / 'best.yaml'}`).", ""]
 
@@ -287,7 +295,8 @@ def sweep_report(sw) -> Path:
                   f"({describe_changes(nz.base.changes)} from the space's base). " + (
                       f"Seed-to-seed noise: one seed's accuracy varies with a standard deviation of "
                       f"{nz.sd:.4f} (pooled over {nz.df} degrees of freedom); intervals are 95%, "
-                      "and a difference counts only when it is larger than its interval."
+                      "and a difference counts only when it is larger than its interval. Only "
+                      "trials that ran every epoch count (ASHA's stops are shown as such)."
                       if nz.sd is not None else
                       "Each configuration ran with one seed, so the noise is unknown: differences "
                       "of a point or less may be luck. Rerun with `--seeds 3` to tell."), ""]
@@ -305,10 +314,10 @@ def sweep_report(sw) -> Path:
                 row.append("" if g.reference is None else
                            f"{g.reference:.3f}" + (f" (ours {g.mean - g.reference:+.3f})" if g.values else ""))
             rows.append(row)
-        header = ["configuration", "changes from base", "seeds ok", "val acc (mean ± 95%)",
+        header = ["configuration", "changes from base", "full runs", "val acc (mean ± 95%)",
                   "Δ vs base (points)", "verdict"]
         if any(x.reference is not None for x in nz.groups):
-            header.append("reference (seed's notes)")
+            header.append("reference (ours - it)")
         lines += _md_table(header, rows) + [""]
 
     lines += ["## Trials, best first", ""]

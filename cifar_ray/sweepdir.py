@@ -8,8 +8,8 @@
                          checkpoint (relative to DIR)
     DIR/best.yaml        the best trial's config (`cifar-ray train --config DIR/best.yaml`)
     DIR/report.md        ranked table, seed noise, curves (`cifar-ray report DIR` rewrites it)
-    DIR/tune/            Ray Tune's experiment: tune/<trial id>/ with result.json and
-                         checkpoint_NNNNNN/state.pt (+ epoch.json)
+    DIR/tune-XXXXXX/     Ray Tune's experiment (a unique name, see `experiment_dir`):
+                         <trial id>/ with result.json, checkpoint_NNNNNN/state.pt (+ epoch.json)
     DIR/train/           Ray Train's runs of multi-worker trials: train-<trial id>/epoch-NNNN/
 
 Reading needs no Ray: `cifar-ray report` works on a copied sweep directory.
@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,10 @@ from cifar_ray.fsutil import atomic_write
 
 SPACE_FILE = "space.yaml"
 STATUS_FILE = "status.json"
-TUNE_DIR = "tune"
+TUNE_PREFIX = "tune-"  # DIR/tune-<6 hex>: Ray Tune's experiment
 TRAIN_DIR = "train"
 EPOCH_FILE = "epoch.json"  # beside state.pt in a trial checkpoint: {"epoch": N}
+_TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
            "seconds", "eval_seconds", "test_acc")
 
@@ -82,7 +84,8 @@ class Sweep:
     space: S.Space
     settings: S.Settings
     base: C.Config  # the base config as run
-    trials: list[Trial]
+    trials: list[Trial]  # those that started (have a folder)
+    planned: int = 0  # trials the sweep will run in all
 
     @property
     def max_epochs(self) -> int:
@@ -95,10 +98,18 @@ def load_space(sweep: Path) -> tuple[S.Space, S.Settings, C.Config]:
     path = Path(sweep) / SPACE_FILE
     if not path.is_file():
         raise UserError(f"{sweep}: not a sweep directory (no {SPACE_FILE})")
-    space = S.parse(C.read_yaml(path, "space"), str(path), name="space")
+    space = S.parse(C.read_yaml(path, "space"), str(path), name=Path(sweep).resolve().name)
     settings = S.resolve_settings(space, {})
     base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), str(path))
     return space, settings, base
+
+
+def experiment_dir(sweep: Path) -> Path | None:
+    """Ray Tune's experiment folder of the sweep. Its name is unique per sweep because Tune
+    stages driver files under <Ray session>/artifacts/<second>/<name>: two sweeps on one
+    cluster that start in the same second would otherwise share that folder."""
+    found = sorted(p for p in Path(sweep).glob(TUNE_PREFIX + "*") if p.is_dir())
+    return found[0] if found else None
 
 
 def read_status(sweep: Path) -> dict:
@@ -160,40 +171,52 @@ def _error_reason(trial_dir: Path) -> str:
     return lines[-1][:300] if lines else "error"
 
 
+def _trial_dirs(root: Path) -> dict[str, list[Path]]:
+    """Trial id -> its folders, oldest first. A folder is named by its trial id; when a
+    resumed sweep restarts a trial that Tune had not yet recorded as started, Tune gives it
+    a second folder `<id>_<4 hex>` (the first may hold an unrecorded partial run)."""
+    out: dict[str, list[Path]] = {}
+    for d in sorted(root.iterdir(), key=lambda p: (len(p.name), p.name)) if root.is_dir() else []:
+        if (d / "params.json").is_file():
+            m = _TRIAL_DIR.match(d.name)
+            out.setdefault(m.group(1) if m else d.name, []).append(d)
+    return out
+
+
 def read_sweep(sweep: Path) -> Sweep:
     sweep = Path(sweep)
     space, settings, base = load_space(sweep)
     status = read_status(sweep)
     trials = []
-    root = sweep / TUNE_DIR
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if not (d / "params.json").is_file():
-            continue
-        params = json.loads((d / "params.json").read_text()).get("trial", {})
-        rows = _read_rows(d / "result.json")
+    for trial_id, dirs in sorted(_trial_dirs(experiment_dir(sweep) or sweep / "none").items()):
+        params = json.loads((dirs[-1] / "params.json").read_text()).get("trial", {})
+        rows = [r for d in dirs for r in _read_rows(d / "result.json")]  # later runs win
         by_epoch = {r["epoch"]: r for r in rows if "epoch" in r and "error" not in r}
         history = [{k: by_epoch[e][k] for k in METRICS if k in by_epoch[e]}
                    for e in sorted(by_epoch)]
-        trial_id = next((r["trial_id"] for r in rows if "trial_id" in r), d.name)
         errors = [r["error"] for r in rows if "error" in r]
         known = status.get(trial_id, {})
-        if errors or known.get("status") == "failed" or _error_reason(d):
-            state = "failed"
-            reason = errors[-1] if errors else known.get("reason") or _error_reason(d)
-        elif known.get("status") in ("done", "stopped"):
-            state, reason = known["status"], ""
+        crashed = _error_reason(dirs[-1])
+        if errors:
+            state, reason = "failed", errors[-1]
+        elif known.get("status") in ("done", "stopped", "failed"):
+            state, reason = known["status"], known.get("reason", "")
+        elif crashed:
+            state, reason = "failed", crashed
         else:
             state, reason = ("done" if len(history) >= base.train.epochs else "incomplete"), ""
-        cfg = S.trial_config(space, settings, params, f"{d}/params.json")
+        cfg = S.trial_config(space, settings, params, f"{dirs[-1]}/params.json")
         trial = Trial(trial_id, params, cfg, history, state, reason,
                       changes=S.changes(base, cfg))
-        ckpts = _checkpoints(sweep, d, rows)
+        ckpts = {}
+        for d in dirs:
+            ckpts.update(_checkpoints(sweep, d, rows))
         best = trial.best_epoch
         pick = best if best in ckpts else (max(ckpts) if ckpts else None)
         if pick is not None:
             trial.checkpoint = _relative(ckpts[pick], sweep)
         trials.append(trial)
-    return Sweep(sweep, space, settings, base, trials)
+    return Sweep(sweep, space, settings, base, trials, len(S.points(space, settings)))
 
 
 # ---------------------------------------------------------------- writing the tables

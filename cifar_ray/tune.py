@@ -8,15 +8,15 @@ metrics with a checkpoint and, when resumed, continues from its last checkpoint.
   and stops (~20 s a trial on a laptop) and a second process per trial, for no DDP at all.
 - `--workers-per-trial N > 1`: the function builds a TorchTrainer (train.make_trainer) whose
   N DDP workers take whole GPUs (or CPUs), with TuneReportCallback forwarding each report to
-  Tune (design.md 4). The function itself holds only 0.1 CPU, and concurrency is capped so
-  that trial drivers can never hold the CPUs their own workers wait for.
+  Tune (design.md 4). The function itself holds no CPU and concurrency is capped, so trial
+  drivers can never hold the CPUs their own workers wait for.
 
 Data. The driver loads and splits the dataset once and puts it in the object store once;
 `tune.with_parameters` hands every trial a reference to that one copy. Images are stored
 NCHW, the layout the device loader keeps, so a CPU trial reads them in place (no copy per
 trial) and a GPU trial uploads them once.
 
-Resume. Tune keeps the experiment under DIR/tune; `--resume DIR` restores it: finished
+Resume. Tune keeps the experiment under DIR/tune-XXXXXX; `--resume DIR` restores it: finished
 trials stay finished, trials that were running restart from their last checkpoint, pending
 ones start. ASHA's rung records are saved beside it, so its decisions carry over too.
 """
@@ -27,8 +27,8 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -48,8 +48,13 @@ from cifar_ray import train as T
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
 
-TRIAL_DRIVER_CPU = 0.1  # what the Tune function of a multi-worker trial holds
-ASHA_FILE = "asha.json"  # inside DIR/tune: the scheduler's rung records
+# The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
+# so trial drivers can never take the CPUs their own workers need (the nested Tune + Train
+# deadlock of design.md 4), and the concurrency cap keeps every running trial's workers
+# within the cluster. (A 0.1 CPU share would keep 2 workers x 1 CPU off a 2-CPU machine.)
+# Ray wants a non-empty reservation, so the driver reserves the memory it does use.
+TRIAL_DRIVER = {"cpu": 0, "memory": 256 * 1024**2}
+ASHA_FILE = "asha.json"  # inside Tune's experiment folder: the scheduler's rung records
 TABLE_EVERY_S = 20.0  # seconds between progress tables
 
 
@@ -120,8 +125,7 @@ def _run_engine(cfg: C.Config, shared: Shared) -> None:
 def _run_trainer(cfg: C.Config, shared: Shared) -> None:
     s = shared.settings
     trial_id = tune.get_context().get_trial_id()
-    res = T.Resources(s.workers_per_trial, max(1, int(s.cpus_per_trial // s.workers_per_trial)),
-                      s.gpus_per_trial > 0)
+    res = T.Resources(s.workers_per_trial, worker_cpus(s), s.gpus_per_trial > 0)
     # Same name and storage on --resume: Ray Train continues from the run's last checkpoint.
     trainer = T.make_trainer(cfg, shared.data, res, str(Path(shared.sweep_dir) / D.TRAIN_DIR),
                              f"train-{trial_id}", callbacks=[_ToTune()])
@@ -133,7 +137,7 @@ def _run_trainer(cfg: C.Config, shared: Shared) -> None:
 
 class _ASHA(ASHAScheduler):
     """ASHA whose rung records survive a killed driver (Ray does not save a scheduler's
-    state): written to DIR/tune/asha.json on every change, read back on --resume."""
+    state): written beside Tune's experiment state on every change, read back on --resume."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -256,6 +260,11 @@ class _Progress(tune.Callback):
                           f"val acc {r.get('val_acc', float('nan')):.4f}  {self._label(t)}")
 
 
+def worker_cpus(s: S.Settings) -> int:
+    """CPUs (and threads) of each DDP worker of a multi-worker trial."""
+    return max(1, int(s.cpus_per_trial // s.workers_per_trial))
+
+
 @dataclass(frozen=True)
 class Plan:
     resources: dict  # of each trial's Tune function
@@ -269,7 +278,7 @@ def plan(settings: S.Settings, check: bool = True) -> Plan:
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     multi = s.workers_per_trial > 1
-    need_cpu = s.cpus_per_trial + (TRIAL_DRIVER_CPU if multi else 0.0)
+    need_cpu = s.workers_per_trial * worker_cpus(s) if multi else s.cpus_per_trial
     need_gpu = float(s.workers_per_trial) if multi and s.gpus_per_trial else s.gpus_per_trial
     if check:
         if need_gpu > gpus:
@@ -288,7 +297,7 @@ def plan(settings: S.Settings, check: bool = True) -> Plan:
     fit = int(cpus // need_cpu) if cpus else 1
     if need_gpu:
         fit = min(fit, int(gpus // need_gpu))
-    return Plan({"cpu": TRIAL_DRIVER_CPU}, max(1, min(s.concurrent or fit, fit)))
+    return Plan(dict(TRIAL_DRIVER), max(1, min(s.concurrent or fit, fit)))
 
 
 def _quiet(verbose: bool) -> None:
@@ -330,8 +339,9 @@ def run(space: S.Space, settings: S.Settings, out: Path, *, resume: bool = False
     out = Path(out).resolve()
     if resume:
         space, settings, _ = D.load_space(out)
-        if not (out / D.TUNE_DIR / "tuner.pkl").is_file():
-            raise UserError(f"--resume {out}: the sweep never started (no {D.TUNE_DIR}/tuner.pkl); "
+        exp = D.experiment_dir(out)
+        if exp is None or not (exp / "tuner.pkl").is_file():
+            raise UserError(f"--resume {out}: the sweep never started (no {D.TUNE_PREFIX}*/tuner.pkl); "
                             f"run it again with --overwrite")
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
     base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
@@ -367,7 +377,7 @@ def run(space: S.Space, settings: S.Settings, out: Path, *, resume: bool = False
 def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config, out: Path,
            p: Plan, resume: bool):
     if resume:
-        return tune.Tuner.restore(str(out / D.TUNE_DIR), trainable=trainable,
+        return tune.Tuner.restore(str(D.experiment_dir(out)), trainable=trainable,
                                   resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     scheduler = _ASHA(time_attr="epoch", max_t=base.train.epochs, grace_period=settings.grace,
@@ -379,7 +389,7 @@ def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config, 
                                     max_concurrent_trials=p.concurrent,
                                     trial_dirname_creator=_trial_dirname, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=D.TUNE_DIR, storage_path=str(out), verbose=0,
+            name=D.TUNE_PREFIX + secrets.token_hex(3), storage_path=str(out), verbose=0,
             callbacks=[_Progress(str(out), base.train.epochs)],
             failure_config=tune.FailureConfig(max_failures=base.scale.max_failures),
             # The best checkpoint by val accuracy; Tune keeps the latest one too.
