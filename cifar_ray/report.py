@@ -168,6 +168,13 @@ def trial_label(t) -> str:
     return (describe(params) or "base") + seed
 
 
+def _epoch_ticks(ax, epochs: list[int]) -> None:
+    if 0 < len(epochs) <= 15:
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+
+
 def plot_sweep_curves(sw, ranked: list, path: Path) -> None:
     """Validation accuracy per epoch of every trial, best first in the legend."""
     plt = _pyplot()
@@ -180,7 +187,7 @@ def plot_sweep_curves(sw, ranked: list, path: Path) -> None:
                 label=f"{t.trial_id} {trial_label(t)}"[:60] if i < 12 else None)
     ax.set(xlabel="epoch", ylabel="validation accuracy",
            title="validation accuracy (dashed: stopped by ASHA)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _epoch_ticks(ax, sorted({h["epoch"] for t in shown for h in t.history}))
     ax.grid(alpha=0.3)
     if shown:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -192,13 +199,13 @@ def plot_top_curves(ranked: list, path: Path, top: int = 3) -> None:
     plt = _pyplot()
     best = [t for t in ranked if t.history][:top] or ranked[:1]
     fig, axes = plt.subplots(1, max(1, len(best)), figsize=(4.5 * max(1, len(best)), 3.8),
-                             squeeze=False)
+                             squeeze=False, sharey=True)
     for ax, t in zip(axes[0], best):
         epochs = [h["epoch"] for h in t.history]
         ax.plot(epochs, [h.get("train_acc") for h in t.history], "-", marker="o", label="train")
         ax.plot(epochs, [h.get("val_acc") for h in t.history], "--", marker="o", label="validation")
         ax.set(xlabel="epoch", ylabel="accuracy", title=f"{t.trial_id}\n{trial_label(t)}"[:70])
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _epoch_ticks(ax, epochs)
         ax.title.set_fontsize(8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -279,7 +286,7 @@ def sweep_report(sw) -> Path:
               f"stopped early by ASHA, {counts['failed']} failed"
               + (f", {counts['incomplete']} incomplete (`cifar-ray tune --resume {out}`)"
                  if counts["incomplete"] else "")
-              + f". ASHA on validation accuracy: grace {st.grace} epochs, reduction {st.reduction:g}; "
+              + f". ASHA on validation accuracy: grace {st.grace} epoch{'s' * (st.grace != 1)}, reduction {st.reduction:g}; "
               f"{st.seeds} seed(s) per configuration. Data: `{sw.base.data.source}`"
               + (f" (limit {sw.base.data.limit})" if sw.base.data.limit else "") + ".", ""]
     best = best_trial(sw)
@@ -317,7 +324,7 @@ def sweep_report(sw) -> Path:
         header = ["configuration", "changes from base", "full runs", "val acc (mean ± 95%)",
                   "Δ vs base (points)", "verdict"]
         if any(x.reference is not None for x in nz.groups):
-            header.append("reference (ours - it)")
+            header.append("reference")
         lines += _md_table(header, rows) + [""]
 
     lines += ["## Trials, best first", ""]

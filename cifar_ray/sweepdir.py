@@ -108,7 +108,8 @@ def experiment_dir(sweep: Path) -> Path | None:
     """Ray Tune's experiment folder of the sweep. Its name is unique per sweep because Tune
     stages driver files under <Ray session>/artifacts/<second>/<name>: two sweeps on one
     cluster that start in the same second would otherwise share that folder."""
-    found = sorted(p for p in Path(sweep).glob(TUNE_PREFIX + "*") if p.is_dir())
+    found = sorted(p for p in Path(sweep).glob("tune*")
+                   if p.is_dir() and (p.name == "tune" or p.name.startswith(TUNE_PREFIX)))
     return found[0] if found else None
 
 
