@@ -305,8 +305,9 @@ def sweep_report(sw) -> Path:
                       "and a difference counts only when it is larger than its interval. Only "
                       "trials that ran every epoch count (ASHA's stops are shown as such)."
                       if nz.sd is not None else
-                      "Each configuration ran with one seed, so the noise is unknown: differences "
-                      "of a point or less may be luck. Rerun with `--seeds 3` to tell."), ""]
+                      "No configuration has two seeds that ran every epoch, so the noise is "
+                      "unknown: differences of a point or less may be luck. Rerun with `--seeds 3` "
+                      "(and `--grace` = `--max-epochs` so that ASHA stops no seed) to tell."), ""]
         rows = []
         for g in sorted(nz.groups, key=lambda g: -g.mean if g.values else 1.0):
             half = nz.half_width(g)

@@ -115,8 +115,9 @@ def test_report_ranks_compares_with_noise_and_plots(sweep):
     # Means use full runs only, and ASHA's choice of which "good" seed it stops depends on
     # which trial reports first: the noise section needs two full runs of one configuration.
     full = [t for t in read_trials(out) if t["variant"] == "good" and t["status"] == "done"]
-    if len(full) >= 2:
-        assert "## Configurations against seed noise" in text and "Seed-to-seed noise" in text
+    assert "## Configurations against seed noise" in text
+    assert ("Seed-to-seed noise" in text) == (len(full) >= 2)
+    assert ("the noise is unknown" in text) == (len(full) < 2)
     frozen = next(line for line in text.splitlines() if line.startswith("| variant frozen"))
     assert "stopped by ASHA (2/2 seeds)" in frozen and "| 0.500 |" in frozen  # its reference
     nan = next(line for line in text.splitlines() if line.startswith("| variant nan"))
