@@ -189,8 +189,14 @@ def test_speed_net_shape_and_layers():
     assert (256, 3, 3) in shapes and shapes[-1] == (10,)
     model = create_model("speed")
     bns = [m for m in model.modules() if isinstance(m, ShiftBatchNorm)]
-    assert len(bns) == 6 and all([n for n, _ in b.named_parameters()] == ["shift"] for b in bns)
+    assert len(bns) == 6 and all([n for n, _ in b.named_parameters()] == ["bias"] for b in bns)
+    assert all(torch.equal(b.weight, torch.ones(len(b.weight))) for b in bns)  # a buffer
     assert all(b.momentum == 0.4 and b.eps == 1e-12 for b in bns)
+    x = torch.randn(8, 64, 5, 5)  # normalises per channel, then shifts by the bias
+    with torch.no_grad():
+        bns[0].bias.fill_(0.5)
+        ref = F.batch_norm(x, None, None, training=True, eps=1e-12) + 0.5
+        assert torch.allclose(bns[0](x), ref, atol=1e-5)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     second = convs[1].weight  # 64 -> 64: starts as the identity (dirac)
     x = torch.randn(1, 64, 5, 5)

@@ -325,19 +325,19 @@ class Whiten(nn.Module):
 class ShiftBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with its scale fixed at 1: only the shift is learned (2-D or 4-D input).
 
-    The shift is added apart (PyTorch's CUDA batch-norm backward rejects a bias without a
-    weight); as a parameter of a BatchNorm module it is still a norm parameter."""
+    The scale stays in the state dict as a buffer of ones (never trained, not counted as a
+    parameter): the batch-norm kernels then run their usual path, whose backward computes
+    no gradient for it (a shift with no scale at all has no CUDA backward)."""
 
     def __init__(self, num_features: int, eps: float, momentum: float):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=False)
-        self.shift = nn.Parameter(torch.zeros(num_features))
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True)
+        ones = self.weight.detach()
+        del self.weight
+        self.register_buffer("weight", ones)
 
     def _check_input_dim(self, x):
         if x.dim() not in (2, 4):
             raise ValueError(f"expected a 2-D or 4-D input, got {x.dim()}-D")
-
-    def forward(self, x):
-        return super().forward(x) + self.shift.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 class Mul(nn.Module):
