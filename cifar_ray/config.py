@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, shown
 from cifar_ray.fsutil import atomic_write
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -114,17 +114,23 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
+# Upper bounds that only refuse the absurd: a run of 10**12 epochs never ends, and numpy's
+# and torch's generators take seeds in [0, 2**32) everywhere.
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1
+
 # Numeric ranges: key -> (low, high, high inclusive?). Both ends are checked.
 RANGES = {
     "data.val_fraction": (0.0, 1.0, False),
     "data.limit": (0, None, True),
+    "data.split_seed": (0, MAX_SEED, True),
     "aug.crop_pad": (0, 16, True),
     "aug.rotate": (0.0, 180.0, True),
     "aug.cutout": (0, 32, True),
     "optim.lr": (0.0, None, True),
     "optim.momentum": (0.0, 1.0, False),
     "optim.weight_decay": (0.0, None, True),
-    "optim.warmup_epochs": (0.0, None, True),
+    "optim.warmup_epochs": (0.0, MAX_EPOCHS, True),
     "optim.step_every": (1, None, True),
     "optim.step_gamma": (0.0, 1.0, True),
     "optim.label_smoothing": (0.0, 1.0, False),
@@ -133,9 +139,10 @@ RANGES = {
     "optim.norm_lr_scale": (0.0, None, True),
     "optim.lookahead_every": (0, None, True),
     "optim.lookahead_decay": (0.0, 1.0, True),
-    "train.epochs": (1, None, True),
+    "train.epochs": (1, MAX_EPOCHS, True),
     "train.batch_size": (1, None, True),
     "train.eval_batch_size": (1, None, True),
+    "train.seed": (0, MAX_SEED, True),
     "scale.workers": (0, None, True),
     "scale.cpus_per_worker": (0, None, True),
     "scale.max_failures": (0, None, True),
@@ -176,7 +183,7 @@ def _unknown_key(key: str, where: str) -> UserError:
 def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
     """Return `value` converted to `tp`, or raise a UserError naming `key`."""
     def bad(what: str) -> UserError:
-        return UserError(f"{where}: {key} must be {what}, got {value!r}")
+        return UserError(f"{where}: {key} must be {what}, got {shown(value)}")
 
     if tp is bool:
         if not isinstance(value, bool):
@@ -192,7 +199,10 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise bad("a finite number") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise bad("a finite number")
     elif tp is str:
@@ -215,7 +225,7 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
 def _build(cls, data: Any, where: str, prefix: str = ""):
     if not isinstance(data, dict):
         name = prefix.rstrip(".") or "the config"
-        raise UserError(f"{where}: {name} must be a mapping of keys to values, got {data!r}")
+        raise UserError(f"{where}: {name} must be a mapping of keys to values, got {shown(data)}")
     types = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
@@ -277,12 +287,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
     check_override_key(key, f"--set {item}")
-    return key, value
+    return key, yaml_value(raw, f"--set {item}")
+
+
+def yaml_value(raw: str, where: str) -> Any:
+    """A --set value read as YAML (1e-3, true, [1, 2]); text that is not YAML stays text."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise UserError(f"{where}: the value is nested too deeply; give a plain value") from None
+    except Exception:  # YAMLError, or a constructor's own (e.g. the date 2024-13-45)
+        return raw
 
 
 def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
@@ -290,14 +306,27 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
     p = Path(path)
     try:
         text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise UserError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: cannot read {what}: not a UTF-8 text file; give a YAML file") from None
     try:
         return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:  # e.g. !!python/object: plain data only
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(e.problem or "a value YAML cannot build").split())
+        raise UserError(f"{path}: {problem}{at}; "
+                        "a cifar-ray file holds plain data only") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{at}; fix the file") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise UserError(f"{path}: {what} nested too deeply to read; fix the file") from None
+    except Exception as e:  # a constructor's own error, e.g. the date 2024-13-45
+        reason = " ".join(str(e).split())[:100]
+        raise UserError(f"{path}: a value YAML cannot build ({reason}); fix the file") from None
 
 
 def preset_names() -> list[str]:

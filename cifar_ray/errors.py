@@ -8,3 +8,23 @@ that escapes is a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input from the user: a file, a flag, a config key, a spec, a space."""
+
+
+def shown(value, limit: int = 100) -> str:
+    """`value` for a message: its repr, cut short. A YAML alias can make a small file hold
+    a structure of billions of shared items, whose full repr would never finish."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel = 3
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 5
+    r.maxstring = r.maxother = r.maxlong = 60
+    return r
+
+
+_REPR = _short_repr()

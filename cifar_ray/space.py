@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from cifar_ray import config as C
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, shown
 
 SPACE_DIR = Path(__file__).parent / "spaces"
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("description", "base", "grid", *DISTRIBUTIONS, "variants", "sweep")
 VARIANT_KEYS = ("name", "set", "note", "reference")
+MAX_TRIALS = 10_000  # trials of one sweep: the list is built (and every trial checked) first
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def _where(src: str, *parts) -> str:
 
 def _check_key(key: Any, where: str) -> str:
     if not isinstance(key, str):
-        raise UserError(f"{where}: keys must be dotted config keys, got {key!r}")
+        raise UserError(f"{where}: keys must be dotted config keys, got {shown(key)}")
     C.check_override_key(key, where)
     fixed = key.startswith(("data.", "scale.")) or key == "train.epochs"
     if fixed:
@@ -122,7 +123,7 @@ def _mapping(value: Any, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise UserError(f"{where}: must be a mapping of dotted keys to values, got {value!r}")
+        raise UserError(f"{where}: must be a mapping of dotted keys to values, got {shown(value)}")
     return value
 
 
@@ -143,7 +144,7 @@ def parse(data: Any, source: str, name: str = "space", folder: Path | None = Non
         raise UserError(f"{source}: a space must be a mapping with keys {', '.join(TOP_KEYS)}")
     for key in data:
         if key not in TOP_KEYS:
-            raise UserError(f"{source}: unknown key {key!r}; a space has {', '.join(TOP_KEYS)}")
+            raise UserError(f"{source}: unknown key {shown(key)}; a space has {', '.join(TOP_KEYS)}")
     base = data.get("base") or {}
     C.from_dict(base, _where(source, "base"))  # unknown keys and types, named
     if isinstance(base.get("model"), dict) and "name" in base["model"]:
@@ -154,7 +155,7 @@ def parse(data: Any, source: str, name: str = "space", folder: Path | None = Non
         where = _where(source, "grid", key)
         _check_key(key, _where(source, "grid"))
         if not isinstance(values, list) or not values:
-            raise UserError(f"{where}: must be a non-empty list of values, got {values!r}")
+            raise UserError(f"{where}: must be a non-empty list of values, got {shown(values)}")
         grid[key] = [_absolute_model(v, folder) if key == "model.name" else v for v in values]
 
     dists = {}
@@ -181,30 +182,37 @@ def parse(data: Any, source: str, name: str = "space", folder: Path | None = Non
     if not (grid or dists or variants):
         raise UserError(f"{source}: sweeps nothing; add a grid, a distribution "
                         f"({', '.join(DISTRIBUTIONS)}) or variants")
+    if not isinstance(data.get("description") or "", str):
+        raise UserError(f"{source}: description must be one line of text, got "
+                        f"{shown(data['description'])}")
     return Space(name=name, source=source, description=str(data.get("description") or ""),
                  base=base, grid=grid, dists=dists, variants=tuple(variants), sweep=dict(sweep))
 
 
 def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return isinstance(x, int) or math.isfinite(x)  # isfinite(10**400) would overflow
 
 
 def _distribution(kind: str, spec: Any, where: str) -> list:
     if kind == "choice":
         if not isinstance(spec, list) or not spec:
-            raise UserError(f"{where}: must be a non-empty list of values, got {spec!r}")
+            raise UserError(f"{where}: must be a non-empty list of values, got {shown(spec)}")
         return spec
     if isinstance(spec, list):  # YAML 1.1 reads 1e-3 (no dot) as a string
         spec = [_float(x) for x in spec]
     if not (isinstance(spec, list) and len(spec) == 2 and all(map(_number, spec))):
-        raise UserError(f"{where}: must be [low, high] (two numbers), got {spec!r}")
+        raise UserError(f"{where}: must be [low, high] (two numbers), got {shown(spec)}")
     low, high = spec
     if not low < high:
         raise UserError(f"{where}: low must be < high, got [{low}, {high}]")
     if kind == "loguniform" and low <= 0:
         raise UserError(f"{where}: loguniform needs low > 0, got {low}")
     if kind == "randint" and not all(isinstance(x, int) for x in spec):
-        raise UserError(f"{where}: randint needs integers [low, high) , got {spec!r}")
+        raise UserError(f"{where}: randint needs integers [low, high) , got {shown(spec)}")
+    if kind == "randint" and not -2**63 <= low < high <= 2**63 - 1:
+        raise UserError(f"{where}: randint bounds must fit in 64 bits, got [{low}, {high}]")
     return [low, high]
 
 
@@ -227,11 +235,11 @@ def _variants(items: Any, source: str, folder: Path | None) -> list[Variant]:
     for i, item in enumerate(items):
         where = _where(source, "variants", i)
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
-            raise UserError(f"{where}: a variant is a mapping with a name, got {item!r}")
+            raise UserError(f"{where}: a variant is a mapping with a name, got {shown(item)}")
         where = _where(source, "variants", item["name"])
         for key in item:
             if key not in VARIANT_KEYS:
-                raise UserError(f"{where}: unknown key {key!r}; a variant has {', '.join(VARIANT_KEYS)}")
+                raise UserError(f"{where}: unknown key {shown(key)}; a variant has {', '.join(VARIANT_KEYS)}")
         if item["name"] in names:
             raise UserError(f"{where}: the name is used twice; give each variant its own")
         names.add(item["name"])
@@ -239,9 +247,11 @@ def _variants(items: Any, source: str, folder: Path | None) -> list[Variant]:
         for key, value in _mapping(item.get("set"), where + ".set").items():
             _check_key(key, where + ".set")
             sets[key] = _absolute_model(value, folder) if key == "model.name" else value
+        if not isinstance(item.get("note") or "", str):
+            raise UserError(f"{where}.note: must be text, got {shown(item['note'])}")
         ref = item.get("reference")
         if ref is not None and not (_number(ref) and 0 <= ref <= 1):
-            raise UserError(f"{where}.reference: an accuracy in [0, 1], got {ref!r}")
+            raise UserError(f"{where}.reference: an accuracy in [0, 1], got {shown(ref)}")
         out.append(Variant(item["name"], sets, str(item.get("note") or ""), ref))
     return out
 
@@ -293,7 +303,7 @@ def resolve_settings(space: Space, flags: dict) -> Settings:
             tp = type(getattr(out, f.name))
             ok = _number(v) and (tp is float or isinstance(v, int))
             if not ok:
-                raise UserError(f"--{f.name.replace('_', '-')}: must be a{'n integer' if tp is int else ' number'}, got {v!r}")
+                raise UserError(f"--{f.name.replace('_', '-')}: must be a{'n integer' if tp is int else ' number'}, got {shown(v)}")
             out = replace(out, **{f.name: tp(v)})
     return out
 
@@ -306,10 +316,13 @@ def check_settings(space: Space, s: Settings) -> None:
                              ("--workers-per-trial", s.workers_per_trial, 1),
                              ("--concurrent", s.concurrent, 0), ("--gpus-per-trial", s.gpus_per_trial, 0),
                              ("--cpus-per-trial", s.cpus_per_trial, 0)):
-        if value < low:
-            raise UserError(f"{flag} {value:g}: must be >= {low}")
+        if value < low:  # (an int as is: a huge one has no float to format)
+            raise UserError(f"{flag} {value if isinstance(value, int) else f'{value:g}'}: "
+                            f"must be >= {low}")
     if s.cpus_per_trial <= 0:
         raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g}: must be > 0")
+    if epochs > C.MAX_EPOCHS:
+        raise UserError(f"--max-epochs {epochs}: must be <= {C.MAX_EPOCHS}")
     if s.grace > epochs:
         raise UserError(f"--grace {s.grace} exceeds --max-epochs {epochs}: ASHA could never "
                         "stop a trial; use a grace <= max epochs")
@@ -379,6 +392,12 @@ def check(space: Space, settings: Settings) -> list[dict]:
         raise UserError(f"--samples {settings.samples}: samples are draws from distributions "
                         f"({', '.join(DISTRIBUTIONS)}) and {space.source} has none; "
                         "use --seeds to repeat configurations")
+    count = settings.samples * max(1, len(space.variants)) * settings.seeds
+    for values in space.grid.values():
+        count *= len(values)
+    if count > MAX_TRIALS:
+        raise UserError(f"{space.source}: {count:,} trials (samples x variants x grid x seeds), "
+                        f"more than the {MAX_TRIALS:,} a sweep may run; sweep fewer values")
     models: set[str] = set()
     trials = points(space, settings)
     for params in trials:

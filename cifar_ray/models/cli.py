@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import click
-import yaml
 
 from cifar_ray.errors import UserError
 
@@ -26,15 +25,14 @@ def _table(rows: list[tuple], align: str) -> str:
 
 def _parse_sets(items: tuple[str, ...]) -> dict:
     """`arg=value` pairs -> overrides; values read as YAML (3, 0.5, true, leaky_relu)."""
+    from cifar_ray.config import yaml_value
+
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected ARG=VALUE, e.g. --set activation=gelu")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        out[key.strip()] = yaml_value(raw, f"--set {item}")
     return out
 
 

@@ -14,13 +14,14 @@ each default, so `--set depth=abc` fails before anything is built.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, shown
 from cifar_ray.models.spec import build_model, load_spec, normalize, summarize
 
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -69,7 +70,7 @@ def list_models() -> list[str]:
 def get_entry(name: str) -> Entry:
     entries = _entries()
     if name not in entries:
-        raise UserError(f"unknown model {name!r}; registered: {', '.join(entries)} "
+        raise UserError(f"unknown model {shown(name)}; registered: {', '.join(entries)} "
                         f"(or give the path of a layer-spec .yaml file)")
     return entries[name]
 
@@ -78,9 +79,16 @@ def _check_override(entry: Entry, key: str, value: Any) -> Any:
     params = entry.params()
     if key not in params:
         valid = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "none"
-        raise UserError(f"model {entry.name}: unknown parameter {key!r}; valid parameters: {valid}")
+        raise UserError(f"model {entry.name}: unknown parameter {shown(key)}; valid parameters: {valid}")
     default = params[key]
     tp = type(default)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"model {entry.name}: parameter {key} must be a finite number, got {value}")
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp in (int, float):  # an int is fine where a float is expected, a bool never
@@ -89,8 +97,14 @@ def _check_override(entry: Entry, key: str, value: Any) -> Any:
         ok = default is None or isinstance(value, tp)
     if not ok:
         raise UserError(f"model {entry.name}: parameter {key} must be of type {tp.__name__} "
-                        f"(default {default!r}), got {value!r}")
-    return float(value) if tp is float else value
+                        f"(default {default!r}), got {shown(value)}")
+    if tp is float:
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise UserError(f"model {entry.name}: parameter {key} must be a finite number, "
+                            f"got {shown(value)}") from None
+    return value
 
 
 @dataclass(frozen=True)
