@@ -28,9 +28,17 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, shown
 
 IN_SHAPE = (3, 32, 32)  # CIFAR images: channels, height, width
+
+# Limits far beyond any CIFAR network (resnet18: 11M parameters, its largest feature map
+# 64x32x32 = 65k values per image). They stop a typo such as `conv: 1000000000` before a
+# single weight is allocated, and a spec that YAML aliases blow up to billions of layers.
+MAX_PARAMS = 1_000_000_000  # parameters of the whole model (4 GB of float32 weights)
+MAX_VALUES = 2**24  # values of one layer's output per image (64 MB of float32)
+MAX_LAYERS = 10_000  # layers of a spec, those in residual bodies included
+MAX_NESTING = 16  # residual bodies inside residual bodies
 
 # ---------------------------------------------------------------- activations
 
@@ -58,15 +66,16 @@ def _parse_activation(name: Any) -> tuple[str, float | None] | None:
     if not sep:
         return base, None
     try:
-        return base, float(arg)
+        slope = float(arg)
     except ValueError:
         return None
+    return (base, slope) if math.isfinite(slope) else None
 
 
 def make_activation(name: str) -> nn.Module:
     parsed = _parse_activation(name)
     if parsed is None:
-        raise UserError(f"unknown activation {name!r}; valid: {ACTIVATION_HELP}")
+        raise UserError(f"unknown activation {shown(name)}; valid: {ACTIVATION_HELP}")
     base, slope = parsed
     return nn.LeakyReLU(slope) if slope is not None else ACTIVATIONS[base]()
 
@@ -119,7 +128,7 @@ LAYER_TYPES = ", ".join(LAYERS)
 def _check_arg(kind: str, value: Any, where: str) -> Any:
     """Return `value` if it is of `kind`, else raise a UserError saying what is expected."""
     def bad(what: str) -> UserError:
-        return UserError(f"{where} must be {what}, got {value!r}")
+        return UserError(f"{where} must be {what}, got {shown(value)}")
 
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind == "count" or (kind == "count_or_null" and value is not None):
@@ -139,8 +148,14 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
             raise bad("a number in [0, 1)")
         value = float(value)
     elif kind in ("fraction", "positive", "number"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise bad("a finite number") from None
+        if not math.isfinite(value):
+            raise bad("a finite number")
         if kind == "fraction" and not 0 < value <= 1:
             raise bad("a number in (0, 1]")
         if kind == "positive" and value <= 0:
@@ -160,7 +175,7 @@ def _canonical_dict(item: Any, where: str) -> dict:
         return {"type": item}
     if not isinstance(item, dict) or not item or not all(isinstance(k, str) for k in item):
         raise UserError(f"{where}: expected a mapping like {{type: conv, filters: 64}} or a "
-                        f"layer name like gap, got {item!r}")
+                        f"layer name like gap, got {shown(item)}")
     if "type" in item:
         return dict(item)
     # Shorthand: the first key is the type, its value the main argument.
@@ -171,26 +186,32 @@ def _canonical_dict(item: Any, where: str) -> dict:
             raise UserError(f"{where} ({kind}): {MAIN_ARG[kind]} given twice")
         out[MAIN_ARG[kind]] = main
     elif main is not None and kind in LAYERS:
-        raise UserError(f"{where} ({kind}): takes no value, got {main!r}; write just {kind}")
+        raise UserError(f"{where} ({kind}): takes no value, got {shown(main)}; write just {kind}")
     return out
 
 
-def normalize_layer(item: Any, at: str) -> dict:
+def normalize_layer(item: Any, at: str, _seen: list | None = None, _depth: int = 0) -> dict:
     """One layer in either form -> canonical dict, all arguments checked and filled in.
 
-    `at` names the layer in messages, e.g. `spec.yaml: layer 3`."""
+    `at` names the layer in messages, e.g. `spec.yaml: layer 3`. `_seen` counts the layers
+    of the whole spec: YAML aliases can make a small file name billions of them."""
+    seen = _seen if _seen is not None else [0]
+    seen[0] += 1
+    if seen[0] > MAX_LAYERS:
+        raise UserError(f"{at}: the spec has more than {MAX_LAYERS:,} layers (nested ones "
+                        "included); write a smaller network")
     layer = _canonical_dict(item, at)
     kind = layer.pop("type")
     if not isinstance(kind, str) or kind not in LAYERS:
         hint = ("; in the shorthand the first key is the type" if not isinstance(item, str)
                 and "type" not in item and any(k in LAYERS for k in item) else "")
-        raise UserError(f"{at}: unknown layer type {kind!r}; valid types: {LAYER_TYPES}{hint}")
+        raise UserError(f"{at}: unknown layer type {shown(kind)}; valid types: {LAYER_TYPES}{hint}")
     table = LAYERS[kind]
     label = f"{at} ({kind})"
     valid = ", ".join(table) or "none"
     for key in layer:
         if key not in table:
-            raise UserError(f"{label}: unknown argument {key!r}; valid arguments: {valid}")
+            raise UserError(f"{label}: unknown argument {shown(key)}; valid arguments: {valid}")
     out = {"type": kind}
     for key, (arg_kind, default) in table.items():
         if key not in layer:
@@ -200,7 +221,10 @@ def normalize_layer(item: Any, at: str) -> dict:
             continue
         value = _check_arg(arg_kind, layer[key], f"{label}: {key}")
         if arg_kind == "layers":
-            value = _normalize_list(value, f"{at}.")
+            if _depth >= MAX_NESTING:
+                raise UserError(f"{label}: residual bodies nested more than {MAX_NESTING} deep; "
+                                "flatten the spec")
+            value = _normalize_list(value, f"{at}.", seen, _depth + 1)
         out[key] = value
     if kind == "conv" and out["padding"] == "same" and out["kernel"] % 2 == 0:
         raise UserError(f"{label}: padding: same needs an odd kernel, got {out['kernel']}")
@@ -209,8 +233,10 @@ def normalize_layer(item: Any, at: str) -> dict:
     return out
 
 
-def _normalize_list(items: list, prefix: str) -> list[dict]:
-    return [normalize_layer(item, f"{prefix}{i}") for i, item in enumerate(items)]
+def _normalize_list(items: list, prefix: str, seen: list | None = None,
+                    depth: int = 0) -> list[dict]:
+    seen = seen if seen is not None else [0]
+    return [normalize_layer(item, f"{prefix}{i}", seen, depth) for i, item in enumerate(items)]
 
 
 def _prefix(source: str | None) -> str:
@@ -373,6 +399,17 @@ def _row(index, layer: dict, shape, module: nn.Module, macs: int) -> dict:
             "params": _count(module), "macs": macs}
 
 
+def _check_size(label: str, params: int, out: Sequence[int]) -> None:
+    """Refuse a layer beyond the limits, before its module (and weights) exist."""
+    if params > MAX_PARAMS:
+        raise UserError(f"{label}: {params:,} parameters, more than the {MAX_PARAMS:,} a model "
+                        "may have; use fewer filters or units")
+    values = math.prod(out)
+    if values > MAX_VALUES:
+        raise UserError(f"{label}: output {_fmt(out)} is {values:,} values per image, more than "
+                        f"{MAX_VALUES:,}; use fewer filters or pool earlier")
+
+
 def _conv(layer: dict, shape, label: str):
     c, h, w = shape
     k, s, g = layer["kernel"], layer["stride"], layer["groups"]
@@ -381,6 +418,7 @@ def _conv(layer: dict, shape, label: str):
                         f"({layer['filters']})")
     pad = k // 2 if layer["padding"] == "same" else 0  # odd kernel: gives ceil(H / stride)
     out = (layer["filters"], (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1)
+    _check_size(label, layer["filters"] * (c // g) * k * k + layer["filters"] * layer["bias"], out)
     conv = nn.Conv2d(c, layer["filters"], k, s, pad, groups=g, bias=layer["bias"])
     if layer.get("dirac"):  # the first min(in, out) filters pass their input channel through
         with torch.no_grad():
@@ -415,6 +453,7 @@ def _build_layer(layer: dict, shape: tuple, at: str):
         c, h, w = shape
         k = layer["kernel"]
         out = (2 * c * k * k, h - k + 1, w - k + 1)
+        _check_size(label, out[0] * (c * k * k + 1), out)
         if min(out) >= 1:
             parts = [Whiten(c, k, layer["eps"])]
             macs = out[0] * out[1] * out[2] * c * k * k
@@ -438,6 +477,8 @@ def _build_layer(layer: dict, shape: tuple, at: str):
         out = (shape[0] * shape[1] * shape[2],) if spatial else shape
         parts = [nn.Flatten()] if spatial else []
     elif kind == "dense":
+        units = layer["units"]
+        _check_size(label, shape[0] * units + units * layer["bias"], (units,))
         parts, out = [nn.Linear(shape[0], layer["units"], bias=layer["bias"])], (layer["units"],)
         macs = shape[0] * layer["units"]
     elif kind == "residual":
@@ -505,15 +546,24 @@ def build(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
         modules.append(nn.Flatten())
         rows.append(_row(len(rows), {"type": "flatten"}, flat, modules[-1], 0))
         shape = flat
+    _check_size(f"{_prefix(source)}{len(rows)} (classifier -> {num_classes} logits)",
+                (shape[0] + 1) * num_classes, (num_classes,))
     modules.append(nn.Linear(shape[0], num_classes))
     rows.append(_row(len(rows), {"type": "classifier", "units": num_classes}, (num_classes,),
                      modules[-1], shape[0] * num_classes))
+    total = sum(r["params"] for r in rows)
+    if total > MAX_PARAMS:
+        big = max(rows, key=lambda r: r["params"])
+        raise UserError(f"{source or 'spec'}: {total:,} parameters, more than the "
+                        f"{MAX_PARAMS:,} a model may have (layer {big['index']} holds "
+                        f"{big['params']:,}); use fewer filters or units")
     return nn.Sequential(*modules), rows
 
 
 def build_model(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
                 source: str | None = None) -> nn.Sequential:
     """Spec -> `nn.Sequential` whose output is (batch, num_classes) logits."""
+    summarize(spec, num_classes, in_shape, source)  # sizes checked before any weight exists
     return build(spec, num_classes, in_shape, source)[0]
 
 

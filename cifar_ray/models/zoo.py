@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, shown
 from cifar_ray.models.registry import register
 
 
@@ -134,6 +134,9 @@ def _need(ok: bool, message: str) -> None:
         raise UserError(f"model cnn: {message}")
 
 
+MAX_REPEAT = 64  # blocks, convs per block, dense layers of the cnn family
+
+
 @register("cnn")
 def cnn(depth: int = 3, width: float = 1.0, filters: int = 32, growth: float = 2.0,
         convs: int = 2, kernel: int = 3, kernels: str = "fixed", padding: str = "same",
@@ -149,15 +152,22 @@ def cnn(depth: int = 3, width: float = 1.0, filters: int = 32, growth: float = 2
     """
     _need(depth >= 0 and convs >= 1 and dense_layers >= 0,
           "depth and dense_layers must be >= 0, convs >= 1")
+    # Five pools take 32x32 to 1x1: far deeper nets only collapse, after building their list.
+    _need(max(depth, convs, dense_layers) <= MAX_REPEAT,
+          f"depth, convs and dense_layers must be <= {MAX_REPEAT}")
     _need(width > 0 and growth > 0, "width and growth must be > 0")
-    _need(kernels in ("fixed", "growing"), f"kernels must be fixed or growing, got {kernels!r}")
-    _need(pool in ("max", "avg"), f"pool must be max or avg, got {pool!r}")
-    _need(head in ("gap", "flatten"), f"head must be gap or flatten, got {head!r}")
+    _need(kernels in ("fixed", "growing"), f"kernels must be fixed or growing, got {shown(kernels)}")
+    _need(pool in ("max", "avg"), f"pool must be max or avg, got {shown(pool)}")
+    _need(head in ("gap", "flatten"), f"head must be gap or flatten, got {shown(head)}")
     # A rate of 0 adds no layer; any other rate is left for the spec checks to judge.
     drop = [{"type": "dropout", "rate": dropout}] if dropout != 0 else []
     layers = []
     for i in range(depth):
-        n = max(1, round(filters * width * growth ** i))
+        try:
+            n = max(1, round(filters * width * growth ** i))
+        except OverflowError:  # the size check of the spec then names the layer
+            raise UserError(f"model cnn: block {i} would have more filters than a float "
+                            "holds; use a smaller width, filters or growth") from None
         k = kernel + 2 * i if kernels == "growing" else kernel
         layers += [conv(n, k, padding=padding, batchnorm=batchnorm, activation=activation)
                    for _ in range(convs)]
