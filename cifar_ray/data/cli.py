@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write
+from cifar_ray.fsutil import atomic_write, check_writable_dir
 
 
 @click.group()
@@ -68,6 +68,8 @@ def info_cmd(source, as_json, grid):
     """Show splits, images per class and mean/std of DATA (any SOURCE of `prepare`)."""
     from cifar_ray.data import prepare, read_meta
 
+    if grid is not None:  # before the data is prepared: a bad --grid leaves nothing behind
+        _check_grid(grid)
     path = prepare(source)
     meta = read_meta(path)
     if grid is not None:
@@ -89,6 +91,12 @@ def info_cmd(source, as_json, grid):
     click.echo("\n".join(lines))
 
 
+def _check_grid(out: Path) -> None:
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--grid {out}: the grid is a PNG image; give a file name ending in .png")
+    check_writable_dir(out.parent, "--grid", out)
+
+
 def _write_grid(source: str, out: Path, per_class: int = 8) -> None:
     """A mosaic of the first `per_class` train images of each class, labelled by row."""
     import matplotlib
@@ -99,8 +107,7 @@ def _write_grid(source: str, out: Path, per_class: int = 8) -> None:
 
     from cifar_ray.data import load
 
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--grid {out}: the grid is a PNG image; give a file name ending in .png")
+    _check_grid(out)
     ds = load(source)
     x, y = ds.splits["train"]
     pad = 2

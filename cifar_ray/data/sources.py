@@ -49,6 +49,11 @@ SOURCE_HELP = (
     ".tar.gz, .tgz or .zip, or a prepared dataset directory"
 )
 CHUNK = 2048  # images per decode task
+MAX_SYNTHETIC = 1_000_000  # synthetic:N images (3 GB of uint8 pixels)
+# An archive is held in memory whole, decompressed. Images barely compress, so far more
+# bytes out than in is a decompression bomb: refuse beyond this ratio (small ones pass).
+MAX_EXPANSION = 100  # decompressed bytes per archive byte
+MIN_EXPANSION_LIMIT = 256 * 1024**2  # bytes any archive may decompress to
 CIFAR_FOLDER = "cifar-10-batches-py"
 
 
@@ -231,8 +236,9 @@ def _synthetic(spec: str) -> Source:
     n_train = 2000
     if spec != "synthetic":
         count = spec.partition(":")[2]
-        if not count.isdigit() or int(count) < 10:
-            raise UserError(f"{spec}: expected synthetic:N with N >= 10 train images, e.g. synthetic:5000")
+        if not count.isdigit() or not 10 <= int(count) <= MAX_SYNTHETIC:
+            raise UserError(f"{spec}: expected synthetic:N with 10 <= N <= {MAX_SYNTHETIC:,} "
+                            "train images, e.g. synthetic:5000")
         n_train = int(count)
     n_test, seed = 500, 0
     recipe = f"synthetic v{synthetic.VERSION}: {n_train} train + {n_test} test, seed {seed}"
@@ -290,13 +296,37 @@ def _tar_entries(path: Path, raw: bytes) -> Iterator[tuple[str, bytes | None]]:
     sliced from the decompressed archive: far cheaper than tarfile.extractfile per member.
     """
     try:
-        buf = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        buf = _gunzip(path, raw) if raw[:2] == b"\x1f\x8b" else raw
         members = _scan_plain_tar(buf)
         for name, is_dir, offset, size in _tarfile_members(path, buf) if members is None else members:
             _check_member(path, name)
             yield (name.rstrip("/") + "/", None) if is_dir else (name, buf[offset:offset + size])
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise UserError(f"{path}: truncated or corrupt archive ({e}); copy or download it again") from None
+
+
+def _expansion_limit(raw: bytes) -> int:
+    return max(MIN_EXPANSION_LIMIT, MAX_EXPANSION * len(raw))
+
+
+def _bomb(path: Path, limit: int) -> UserError:
+    return UserError(f"{path}: decompresses to more than {limit:,} bytes ({MAX_EXPANSION}x its "
+                     "size): a decompression bomb, or not an archive of images; refusing it")
+
+
+def _gunzip(path: Path, raw: bytes) -> bytes:
+    """gzip.decompress, stopped at the expansion limit (a gzip file may hold several members)."""
+    limit = _expansion_limit(raw)
+    out, data = [], raw
+    while data:
+        d = zlib.decompressobj(wbits=31)
+        out.append(d.decompress(data, limit + 1 - sum(map(len, out))))
+        if sum(map(len, out)) > limit:
+            raise _bomb(path, limit)
+        if not d.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        data = d.unused_data.lstrip(b"\x00")  # gzip allows zero padding between members
+    return b"".join(out)
 
 
 def _tarfile_members(path: Path, buf: bytes) -> Iterator[tuple[str, bool, int, int]]:
@@ -379,6 +409,10 @@ def _zip_entries(path: Path, raw: bytes) -> Iterator[tuple[str, bytes | None]]:
     """Like _tar_entries for a .zip; zipfile checks each member's CRC as it reads it."""
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            # zipfile stops each member at its declared size: the sum bounds what we read.
+            limit = _expansion_limit(raw)
+            if sum(info.file_size for info in zf.infolist()) > limit:
+                raise _bomb(path, limit)
             for info in zf.infolist():
                 _check_member(path, info.filename)
                 kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type, if recorded

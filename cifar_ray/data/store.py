@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifar_ray.data.sources import Decoded, Source, resolve
-from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_dir
+from cifar_ray.errors import UserError, shown
+from cifar_ray.fsutil import atomic_dir, check_writable_dir
 
 FORMAT_VERSION = 1
+SPLIT_NAMES = ("train", "test")
 IMAGE_BYTES = 32 * 32 * 3
 SCHEMA = pa.schema([("image", pa.binary(IMAGE_BYTES)), ("label", pa.int16())])
 
@@ -68,6 +69,7 @@ def prepare(source: str, out: str | os.PathLike | None = None, *, resize: bool =
         return src.path if out is None else _copy(src.path, Path(out))
     key = _key(src, resize and src.kind == "images")
     dest = Path(out).expanduser() if out is not None else cache_home() / "prepared" / key
+    check_writable_dir(dest, "--out" if out is not None else "cache ($CIFAR_RAY_HOME)")
     if dest.exists() and not _is_empty_dir(dest):
         if _holds(dest, key):
             return dest
@@ -79,10 +81,11 @@ def prepare(source: str, out: str | os.PathLike | None = None, *, resize: bool =
     try:
         with atomic_dir(dest) as tmp:
             _write(tmp, decoded, src, key)
-    except OSError:
+    except OSError as e:
         if _holds(dest, key):  # another process prepared the same source meanwhile
             return dest
-        raise
+        raise UserError(f"{dest}: cannot write the prepared dataset ({e.strerror or e}); "
+                        "free some space or choose another --out") from None
     return dest
 
 
@@ -91,6 +94,10 @@ def load(source: str) -> Dataset:
     path = prepare(source)
     meta = read_meta(path)
     splits = {name: _read_split(path / f"{name}.parquet", info["count"]) for name, info in meta["splits"].items()}
+    for name, (_, y) in splits.items():
+        if len(y) and not 0 <= y.min() <= y.max() < len(meta["classes"]):
+            raise UserError(f"{path}: not a valid prepared dataset ({name}.parquet has labels "
+                            f"outside the {len(meta['classes'])} classes); prepare it again from its source")
     return Dataset(path, list(meta["classes"]), meta, splits)
 
 
@@ -110,9 +117,23 @@ def read_meta(path: str | os.PathLike) -> dict:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise bad(f"format version {version}, this cifar-ray reads version {FORMAT_VERSION}")
     missing = [key for key in ("classes", "splits", "mean", "std") if key not in meta]
-    if missing or "train" not in meta["splits"]:
+    if missing or not isinstance(meta["splits"], dict) or "train" not in meta["splits"]:
         raise bad(f"meta.json lacks {', '.join(missing) or 'a train split'}")
-    for name, info in meta["splits"].items():
+    classes, splits = meta["classes"], meta["splits"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise bad("meta.json: classes must be a list of at least 2 names")
+    for key in ("mean", "std"):
+        if not (isinstance(meta[key], list) and len(meta[key]) == 3
+                and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in meta[key])):
+            raise bad(f"meta.json: {key} must be 3 numbers in [0, 1]")
+    if not all(v > 0 for v in meta["std"]):
+        raise bad("meta.json: std must be > 0")
+    for name, info in splits.items():
+        if name not in SPLIT_NAMES or not isinstance(info, dict) or not isinstance(info.get("count"), int) \
+                or not isinstance(info.get("per_class"), dict) or set(info["per_class"]) != set(classes):
+            raise bad(f"meta.json: split {shown(name)} must be train or test, with a count and a "
+                      "per_class count of every class")
+    for name, info in splits.items():
         file = path / f"{name}.parquet"
         try:
             pf = pq.ParquetFile(file)
@@ -196,6 +217,7 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
 
 def _copy(path: Path, out: Path) -> Path:
     out = out.expanduser()
+    check_writable_dir(out, "--out")
     if out.exists() and not _is_empty_dir(out):
         if out.resolve() == path:
             return out
