@@ -420,7 +420,41 @@ def load_state(path) -> dict:
         raise UserError(f"{path}: not a readable cifar-ray checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a cifar-ray checkpoint (format {STATE_FORMAT} expected)")
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(f"{path}: not a valid cifar-ray checkpoint ({problem}); it is damaged "
+                        "or was not written by cifar-ray: use another one")
     return state
+
+
+def _state_problem(state: dict) -> str | None:
+    """What is wrong with the parts of a checkpoint that evaluate, predict and resume read."""
+    def numbers(v, n):
+        return (isinstance(v, (list, tuple)) and len(v) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+    def weights(v):
+        return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                           for k, t in v.items())
+
+    checks = [
+        ("epoch", lambda v: isinstance(v, int) and v >= 0, "an epoch number"),
+        ("config", lambda v: isinstance(v, dict), "a config mapping"),
+        ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
+         "a list of class names"),
+        ("mean", lambda v: numbers(v, 3), "3 numbers"),
+        ("std", lambda v: numbers(v, 3) and all(x > 0 for x in v), "3 positive numbers"),
+        ("model", weights, "a mapping of names to tensors"),
+        ("history", lambda v: isinstance(v, list), "a list of epochs"),
+    ]
+    for key, ok, what in checks:
+        if key not in state:
+            return f"{key} is missing"
+        if not ok(state[key]):
+            return f"{key} must be {what}"
+    if state.get("ema") is not None and not weights(state["ema"]):
+        return "ema must be a mapping of names to tensors"
+    return None
 
 
 # ---------------------------------------------------------------- the loop over epochs
@@ -530,15 +564,33 @@ def _ema_model(loop: Loop, model: nn.Module) -> nn.Module:
     return shadow
 
 
-def model_from_state(state: dict, device: torch.device | str = "cpu", ema: bool = True):
-    """Rebuild (config, model in eval mode) from a checkpoint state."""
-    cfg = C.from_dict(state["config"], "checkpoint config")
-    model = build_model(cfg, len(state["classes"]), torch.device(device))
-    weights = state["ema"] if ema and state.get("ema") else state["model"]
+def model_from_state(state: dict, device: torch.device | str = "cpu", ema: bool = True,
+                     where: str = "checkpoint"):
+    """Rebuild (config, model in eval mode) from a checkpoint state (see load_state);
+    `where` names the checkpoint in messages."""
+    from cifar_ray.errors import UserError
+
+    cfg = C.from_dict(state["config"], f"{where}: config")
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        from cifar_ray.errors import UserError
-        raise UserError(f"checkpoint weights do not fit model {cfg.model.name!r}: "
-                        f"{str(e).splitlines()[0]}") from None
+        model = build_model(cfg, len(state["classes"]), torch.device(device))
+    except UserError as e:  # e.g. the spec file it was trained from is gone or changed
+        raise UserError(f"{where}: cannot rebuild its model: {e}") from None
+    weights = state["ema"] if ema and state.get("ema") else state["model"]
+    problem = _weights_problem(model.state_dict(), weights)
+    if problem:
+        raise UserError(f"{where}: its weights do not fit model {cfg.model.name} ({problem}); "
+                        "the checkpoint is damaged or the model changed since it was trained")
+    model.load_state_dict(weights)
     return cfg, model.eval()
+
+
+def _weights_problem(own: dict, weights: dict) -> str | None:
+    """The first difference between a model's state dict and checkpoint weights, or None."""
+    for key, tensor in own.items():
+        if key not in weights:
+            return f"{key} is missing"
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            return (f"{key} has shape {list(weights[key].shape)}, the model's "
+                    f"{list(tensor.shape)}")
+    extra = [key for key in weights if key not in own]
+    return f"{extra[0]} is not in the model" if extra else None

@@ -16,7 +16,7 @@ def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
     """(state, config, model) from a run directory, checkpoint folder or state.pt."""
     path = rundir.resolve_checkpoint(target, which)
     state = engine.load_state(path)
-    cfg, model = engine.model_from_state(state, device)
+    cfg, model = engine.model_from_state(state, device, where=str(path))
     return path, state, cfg, model
 
 
@@ -44,7 +44,8 @@ def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str 
     from cifar_ray.data.loader import DeviceLoader
 
     path, state, cfg, model = load_checkpoint(target, which)
-    ds, (images, labels) = split_arrays(cfg, data or cfg.data.source, split)
+    data = data or cfg.data.source
+    ds, (images, labels) = split_arrays(cfg, data, split)
     if list(ds.classes) != list(state["classes"]):
         raise UserError(f"--data {data}: its classes {ds.classes} differ from the checkpoint's "
                         f"{state['classes']}; evaluate on the dataset the model was trained on")
@@ -65,6 +66,8 @@ def read_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 (32,32,3) RGB; other sizes are resized (antialiased)."""
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise UserError(f"{path}: is a directory; give image files (PNG or JPEG)")
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -73,9 +76,13 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot decode image ({e.__class__.__name__}); "
-                        "give a PNG or JPEG file") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image PIL can read; give a PNG or JPEG file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # A truncated file, a corrupt one, or a decompression bomb (PIL's pixel limit).
+        reason = " ".join(str(e).split())[:120] or e.__class__.__name__
+        raise UserError(f"{path}: cannot decode the image ({reason}); give a PNG or JPEG "
+                        "file") from None
 
 
 def predict(target: str | Path, images: list[str], top_k: int = 3, tta: bool = False,
