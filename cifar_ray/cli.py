@@ -13,13 +13,19 @@ from cifar_ray.errors import UserError
 
 
 class _Group(click.Group):
-    """A click group that prints a UserError as one line on stderr and exits 2."""
+    """A click group that prints a UserError, or a bad option or argument that click
+    itself refuses, as one line on stderr and exits 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            path = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            message = " ".join(e.format_message().split())
+            click.echo(f"error: {message} (see {path} --help)", err=True)
             sys.exit(2)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from cifar_ray import config as C
 from cifar_ray import rundir
 from cifar_ray.errors import UserError
+from cifar_ray.fsutil import check_writable_dir
 
 RUN_NAME = rundir.CHECKPOINTS  # Ray's experiment folder inside the run directory
 
@@ -245,16 +246,34 @@ class _Console:
         print(line, flush=True)
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_batch(cfg: C.Config, n_train: int, workers: int, where: str = "train.batch_size") -> None:
+    """Refuse a global batch that leaves a worker without one full batch per epoch (the
+    loader drops the last partial batch, so the epoch would have no step)."""
+    per_worker = max(1, cfg.train.batch_size // workers)
+    if n_train // workers < per_worker:
+        raise UserError(f"{where}={cfg.train.batch_size}: each of {workers} worker(s) gets "
+                        f"{n_train // workers} training images, fewer than its batch of "
+                        f"{per_worker}; lower the batch size or use more data")
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """prepare_run_dir's refusals, without touching anything."""
     if resume:
         if not (out / "config.yaml").is_file():
             raise UserError(f"--resume {out}: not a run directory (no config.yaml)")
         return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "another run" if rundir.is_run(out) else "files"
-            raise UserError(f"--out {out}: holds {what}; pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another folder")
+    check_writable_dir(out, "--out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "another run" if rundir.is_run(out) else "files"
+        raise UserError(f"--out {out}: holds {what}; pass --resume to continue it, "
+                        "--overwrite to replace it, or choose another folder")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    check_run_dir(out, resume, overwrite)
+    if resume:
+        return
+    if out.exists() and any(out.iterdir()):  # --overwrite
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -293,14 +312,18 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
     if cfg.scale.workers < 1:
         raise UserError("scale.workers must be >= 1 for `cifar-ray train`")
     cfg = absolute_paths(cfg)
+    # Bad input fails before the data is prepared, Ray starts or DIR is written: the model
+    # (again below with the data's classes), DIR, the batch size against the data, the cluster.
+    model_info(cfg.model.name, **cfg.model.args)
+    check_run_dir(out, resume, overwrite)
     arrays = load_split(cfg)
-    # A bad model or spec fails here, before Ray starts.
     info = model_info(cfg.model.name, num_classes=len(arrays["classes"]), **cfg.model.args)
-    prepare_run_dir(out, resume, overwrite)
-    C.save_config(cfg, out / "config.yaml")
+    check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
     started_ray = not ray.is_initialized()
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
+    prepare_run_dir(out, resume, overwrite)
+    C.save_config(cfg, out / "config.yaml")
     history: dict[int, dict] = {}
     resume_ref = None
     newest = newest_state(out, echo) if resume else None

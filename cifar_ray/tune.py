@@ -46,7 +46,7 @@ from cifar_ray import space as S
 from cifar_ray import sweepdir as D
 from cifar_ray import train as T
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write
+from cifar_ray.fsutil import atomic_write, check_writable_dir
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (the nested Tune + Train
@@ -317,12 +317,18 @@ def _shared_arrays(arrays: dict) -> dict:
     return out
 
 
+def _check_dir(out: Path, overwrite: bool) -> None:
+    """_prepare_dir's refusals, without touching anything."""
+    check_writable_dir(out, "--out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "another sweep" if D.is_sweep(out) else "files"
+        raise UserError(f"--out {out}: holds {what}; pass --resume {out} to continue it, "
+                        "--overwrite to replace it, or choose another folder")
+
+
 def _prepare_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "another sweep" if D.is_sweep(out) else "files"
-            raise UserError(f"--out {out}: holds {what}; pass --resume {out} to continue it, "
-                            "--overwrite to replace it, or choose another folder")
+    _check_dir(out, overwrite)
+    if out.exists() and any(out.iterdir()):  # --overwrite
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -343,12 +349,21 @@ def run(space: S.Space, settings: S.Settings, out: Path, *, resume: bool = False
         if exp is None or not (exp / "tuner.pkl").is_file():
             raise UserError(f"--resume {out}: the sweep never started (no {D.TUNE_PREFIX}*/tuner.pkl); "
                             f"run it again with --overwrite")
+    else:
+        _check_dir(out, overwrite)  # before the data is prepared and Ray starts
+    S.check_settings(space, settings)
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
     base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
     base = T.absolute_paths(base)
     space = replace(space, base=C.to_dict(base))
     trials = S.check(space, settings)  # every trial's config and model, before anything runs
-    arrays = _shared_arrays(T.load_split(base))
+    split = T.load_split(base)
+    for params in trials:  # every trial's batch against the data, before Ray starts
+        cfg = S.trial_config(space, settings, params)
+        T.check_batch(cfg, len(split["train_y"]), settings.workers_per_trial,
+                      f"{space.source}: {S.describe(params) or 'base'}: train.batch_size")
+    arrays = _shared_arrays(split)
+    del split
     started_ray = not ray.is_initialized()
     _quiet(verbose)
     T.init_ray(verbose=verbose)
