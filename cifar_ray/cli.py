@@ -20,7 +20,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo("error: " + " ".join(str(e).splitlines()), err=True)  # one line, always
             sys.exit(2)
         except click.UsageError as e:
             path = e.ctx.command_path if e.ctx is not None else ctx.command_path

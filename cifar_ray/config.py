@@ -281,14 +281,19 @@ def check_override_key(key: str, where: str) -> None:
         raise _unknown_key(key, where)
 
 
+def set_flag(item: str) -> str:
+    """`--set ITEM` for messages, on one line whatever ITEM holds."""
+    return f"--set {item}" if item.isprintable() else f"--set {item!r}"
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`key.sub=value` -> (key, value); the value is read as YAML (1e-3, true, [1, 2])."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
-    check_override_key(key, f"--set {item}")
-    return key, yaml_value(raw, f"--set {item}")
+    check_override_key(key, set_flag(item))
+    return key, yaml_value(raw, set_flag(item))
 
 
 def yaml_value(raw: str, where: str) -> Any:
@@ -359,7 +364,7 @@ def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str]
     for item in overrides:
         key, value = parse_override(item)
         data = set_dotted(data, key, value)
-        from_dict(data, f"--set {item}")
+        from_dict(data, set_flag(item))
     return from_dict(data)
 
 

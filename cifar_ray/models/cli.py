@@ -25,14 +25,14 @@ def _table(rows: list[tuple], align: str) -> str:
 
 def _parse_sets(items: tuple[str, ...]) -> dict:
     """`arg=value` pairs -> overrides; values read as YAML (3, 0.5, true, leaky_relu)."""
-    from cifar_ray.config import yaml_value
+    from cifar_ray.config import set_flag, yaml_value
 
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected ARG=VALUE, e.g. --set activation=gelu")
-        out[key.strip()] = yaml_value(raw, f"--set {item}")
+        out[key.strip()] = yaml_value(raw, set_flag(item))
     return out
 
 
