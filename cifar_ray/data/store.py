@@ -69,10 +69,10 @@ def prepare(source: str, out: str | os.PathLike | None = None, *, resize: bool =
         return src.path if out is None else _copy(src.path, Path(out))
     key = _key(src, resize and src.kind == "images")
     dest = Path(out).expanduser() if out is not None else cache_home() / "prepared" / key
+    if dest.exists() and not _is_empty_dir(dest) and _holds(dest, key):
+        return dest  # read only: a read-only cache serves its hits
     check_writable_dir(dest, "--out" if out is not None else "cache ($CIFAR_RAY_HOME)")
     if dest.exists() and not _is_empty_dir(dest):
-        if _holds(dest, key):
-            return dest
         if out is not None:
             raise UserError(f"{dest}: already exists and holds something else; "
                             f"choose another --out or remove it")
@@ -217,11 +217,11 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
 
 def _copy(path: Path, out: Path) -> Path:
     out = out.expanduser()
-    check_writable_dir(out, "--out")
     if out.exists() and not _is_empty_dir(out):
         if out.resolve() == path:
             return out
         raise UserError(f"{out}: already exists; choose another --out or remove it")
+    check_writable_dir(out, "--out")
     with atomic_dir(out) as tmp:
         for name in ["meta.json", *(f"{split}.parquet" for split in read_meta(path)["splits"])]:
             shutil.copy2(path / name, tmp / name)
