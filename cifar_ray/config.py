@@ -114,8 +114,8 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
-# Upper bounds that only refuse the absurd: a run of 10**12 epochs never ends, and numpy's
-# and torch's generators take seeds in [0, 2**32) everywhere.
+# Upper bounds that only refuse the absurd: a run of 10**12 epochs never ends. Seeds stay in
+# [0, 2**32), which every numpy and torch generator takes (numpy refuses negative ones).
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1
 

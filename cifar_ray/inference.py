@@ -77,12 +77,12 @@ def read_image(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image PIL can read; give a PNG or JPEG file") from None
+        raise UserError(f"{path}: cannot decode image (not an image file PIL knows); give a "
+                        "PNG or JPEG file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # A truncated file, a corrupt one, or a decompression bomb (PIL's pixel limit).
         reason = " ".join(str(e).split())[:120] or e.__class__.__name__
-        raise UserError(f"{path}: cannot decode the image ({reason}); give a PNG or JPEG "
-                        "file") from None
+        raise UserError(f"{path}: cannot decode image ({reason}); give a PNG or JPEG file") from None
 
 
 def predict(target: str | Path, images: list[str], top_k: int = 3, tta: bool = False,

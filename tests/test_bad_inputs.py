@@ -281,6 +281,18 @@ def chmod_readonly(path: Path) -> Path:
     return path
 
 
+def deny_writes(path: Path, monkeypatch) -> Path:
+    """`path` as a folder that os.access calls read-only: the not-writable path, for root
+    too (whom chmod does not stop)."""
+    import cifar_ray.fsutil as fsutil
+
+    path.mkdir(parents=True, exist_ok=True)
+    real = os.access
+    monkeypatch.setattr(fsutil.os, "access",
+                        lambda p, mode, **kw: False if Path(p) == path else real(p, mode, **kw))
+    return path
+
+
 # ---------------------------------------------------------------- the catalogue
 
 @dataclass(frozen=True)
@@ -389,6 +401,10 @@ CASES = [
          "busy", "already exists and holds something else"),
     case("prepare-out-not-writable", lambda fx: ["data", "prepare", "synthetic:50", "--out", chmod_readonly(fx.tmp / "ro") / "x"],
          "--out", "not writable", root_skips=True),
+    case("prepare-out-denied", lambda fx, mp: ["data", "prepare", "synthetic:50", "--out", deny_writes(fx.tmp / "ro", mp) / "x"],
+         "--out", "ro is not writable"),
+    case("prepare-cache-denied", lambda fx, mp: ["data", "prepare", deny_writes(Path(os.environ["CIFAR_RAY_HOME"]), mp) and "synthetic:50"],
+         "cache ($CIFAR_RAY_HOME)", "cifar-ray-home is not writable"),
 
     # -------- config files and --set (train refuses them before anything runs)
     case("set-wrong-type", lambda fx: train_args(fx, "--set", "train.epochs=abc"),
@@ -642,13 +658,13 @@ CASES = [
 
     # -------- images for predict
     case("predict-image-not-an-image", lambda fx: ["predict", fx.ckpt, _write(fx.tmp / "x.png", b"not an image")],
-         "x.png", "not an image PIL can read", "PNG or JPEG"),
+         "x.png: cannot decode image", "not an image file", "PNG or JPEG"),
     case("predict-image-truncated-png", lambda fx: ["predict", fx.ckpt, _write(fx.tmp / "x.png", fx.image.read_bytes()[:60])],
-         "x.png", "cannot decode the image", "truncated"),
+         "x.png: cannot decode image", "truncated"),
     case("predict-image-truncated-jpeg", lambda fx: ["predict", fx.ckpt, _write(fx.tmp / "x.jpg", encode(random_images(1, 3)[0], "JPEG")[:300])],
-         "x.jpg", "cannot decode the image"),
+         "x.jpg: cannot decode image"),
     case("predict-image-bomb", lambda fx: ["predict", fx.ckpt, _write(fx.tmp / "x.png", png_bomb())],
-         "x.png", "cannot decode the image", "decompression bomb"),
+         "x.png: cannot decode image", "decompression bomb"),
     case("predict-image-a-directory", lambda fx: ["predict", fx.ckpt, fx.tmp],
          "is a directory", "give image files"),
     case("predict-image-missing", lambda fx: ["predict", fx.ckpt, fx.tmp / "nope.png"],
@@ -667,6 +683,10 @@ CASES = [
          "--out", "busy: holds files", "--overwrite"),
     case("train-out-not-writable", lambda fx: train_args(fx)[:-1] + [chmod_readonly(fx.tmp / "ro") / "run"],
          "--out", "not writable", root_skips=True),
+    case("train-out-denied", lambda fx, mp: train_args(fx)[:-1] + [deny_writes(fx.tmp / "ro", mp) / "run"],
+         "--out", "ro is not writable"),
+    case("tune-out-denied", lambda fx, mp: tune_args(fx, fx.space)[:-1] + [deny_writes(fx.tmp / "ro", mp) / "sweep"],
+         "--out", "ro is not writable"),
     case("tune-out-is-a-file", lambda fx: tune_args(fx, fx.space)[:-1] + [_write(fx.tmp / "f", "x")],
          "--out", "is a file, not a folder"),
     case("tune-out-under-a-file", lambda fx: tune_args(fx, fx.space)[:-1] + [_write(fx.tmp / "f", "x") / "sweep"],
