@@ -382,7 +382,7 @@ def run_report(run: Path) -> Path:
     best_i = max(range(len(val)), key=lambda i: val[i] if val[i] == val[i] else -1)
     last = history[-1]
     lines = [f"# Run report: {run.name}", "",
-             f"Model `{cfg.model.name}`" + (f" ({summary['params']:,} params)" if "params" in summary else "")
+             f"Model `{cfg.model.name}`" + (f" ({summary['params']:,} params)" if summary.get("params") is not None else "")
              + f", {len(history)}/{cfg.train.epochs} epochs, global batch {cfg.train.batch_size}, "
              f"{cfg.optim.name} lr {cfg.optim.lr:g} ({cfg.optim.schedule}), data `{cfg.data.source}`.", ""]
     rows = [["best val acc", f"{val[best_i]:.4f} (epoch {history[best_i]['epoch']})"],
@@ -391,7 +391,7 @@ def run_report(run: Path) -> Path:
             ["train - val gap", _pct(last.get("train_acc", float("nan")) - last.get("val_acc", float("nan")))]]
     if "test_acc" in summary:
         rows.append(["test acc", _pct(summary["test_acc"])])
-    if "train_seconds" in summary:
+    if summary.get("train_seconds") is not None:
         rows.append(["training time", f"{summary['train_seconds']:.1f} s"])
     lines += _md_table(["", ""], rows) + ["", "![train vs validation](curves.png)", ""]
     path = run / "report.md"

@@ -24,6 +24,9 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 
+SUMMARY_NUMBERS = ("params", "epochs", "epochs_planned", "best_val_acc", "final_val_acc",
+                   "final_train_acc", "train_seconds", "wall_seconds", "images_per_second",
+                   "best_epoch", "last_epoch", "test_acc")
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                   "images_per_s", "seconds", "eval_seconds", "test_acc"]
 
@@ -56,19 +59,21 @@ def write_metrics(history: list[dict], path: Path) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for row in rows:
-        parsed = {}
-        for k, v in row.items():
-            if v == "":
-                continue
-            try:
-                parsed[k] = int(v) if k == "epoch" else float(v)
-            except ValueError:
-                parsed[k] = v
-        out.append(parsed)
+    """metrics.csv as one dict per epoch: `epoch` an int, every other cell a float."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        out = []
+        for row in rows:
+            parsed = {k: int(v) if k == "epoch" else float(v)
+                      for k, v in row.items() if v != ""}
+            if not isinstance(parsed.get("epoch"), int):
+                raise ValueError("a row without an epoch")
+            out.append(parsed)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:
+        # TypeError: a row longer or shorter than the header (DictReader fills in None)
+        raise UserError(f"{path}: not a metrics table cifar-ray wrote ({e.__class__.__name__}); delete "
+                        f"it and rerun `cifar-ray train --resume {path.parent}` to rewrite it") from None
     return out
 
 
@@ -77,10 +82,16 @@ def read_summary(run: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        summary = None
+    numbers_ok = isinstance(summary, dict) and all(
+        isinstance(summary.get(k), (int, float, type(None))) and not isinstance(summary.get(k), bool)
+        for k in SUMMARY_NUMBERS)
+    if not numbers_ok or not isinstance(summary.get("best_epoch"), (int, type(None))):
         raise UserError(f"{path}: unreadable summary; delete it and rerun "
-                        f"`cifar-ray train --resume {run}` to rewrite it") from None
+                        f"`cifar-ray train --resume {run}` to rewrite it")
+    return summary
 
 
 def best_epoch(history: list[dict], available: set[int]) -> int | None:

@@ -116,9 +116,10 @@ def experiment_dir(sweep: Path) -> Path | None:
 def read_status(sweep: Path) -> dict:
     path = Path(sweep) / STATUS_FILE
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
+        status = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def write_status(sweep: Path, status: dict) -> None:

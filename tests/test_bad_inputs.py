@@ -300,6 +300,16 @@ SPEC_ALIAS_BOMB = "- &l0 act\n" + "".join(
 TAG = "!!python/object/apply:os.mkdir [{}]\n"  # creates the marker when loaded unsafely
 
 
+def damaged_run(fx, name: str, text: str) -> Path:
+    """A copy of the good run directory (a checkpoint and config.yaml) with one file spoiled."""
+    import shutil
+
+    run = shutil.copytree(fx.run, fx.tmp / "run")
+    (run / "config.yaml").write_text(C.dump_yaml(C.from_dict(fx.state["config"])))
+    _write(run / name, text)
+    return run
+
+
 def chmod_readonly(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o500)
@@ -772,6 +782,21 @@ CASES = [
          "nope: no such run directory or checkpoint"),
     case("predict-run-without-checkpoints", lambda fx: ["predict", fx.tmp, fx.image],
          "holds no checkpoint", "train first"),
+    case("predict-run-with-a-garbage-metrics-table",
+         lambda fx: ["predict", damaged_run(fx, "metrics.csv", "garbage,x\n1,2,3\n"), fx.image],
+         "run/metrics.csv: not a metrics table cifar-ray wrote", "train --resume"),
+    case("report-run-with-non-numeric-metrics",
+         lambda fx: ["report", damaged_run(fx, "metrics.csv", "epoch,val_acc\n1,high\n")],
+         "run/metrics.csv: not a metrics table cifar-ray wrote"),
+    case("predict-run-with-a-summary-that-is-a-list",
+         lambda fx: ["predict", damaged_run(fx, "summary.json", "[1, 2]"), fx.image],
+         "run/summary.json: unreadable summary", "train --resume"),
+    case("predict-run-with-a-summary-of-wrong-types",
+         lambda fx: ["predict", damaged_run(fx, "summary.json", '{"best_epoch": [1]}'), fx.image],
+         "run/summary.json: unreadable summary"),
+    case("report-run-with-a-summary-of-wrong-types",
+         lambda fx: ["report", damaged_run(fx, "summary.json", '{"params": "many"}')],
+         "run/summary.json: unreadable summary"),
     case("evaluate-checkpoint-truncated", lambda fx: ["evaluate", cut(with_state(fx, "state.pt"), 0.3)],
          "state.pt", "not a readable cifar-ray checkpoint"),
     case("evaluate-data-missing", lambda fx: ["evaluate", fx.ckpt, "--data", fx.tmp / "nope.tar.gz"],
