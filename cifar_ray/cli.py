@@ -12,6 +12,9 @@ from cifar_ray import __version__
 from cifar_ray.errors import UserError
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 class _Group(click.Group):
     """A click group that prints a UserError, or a bad option or argument that click
     itself refuses, as one line on stderr and exits 2."""
@@ -23,6 +26,8 @@ class _Group(click.Group):
             click.echo("error: " + " ".join(str(e).splitlines()), err=True)  # one line, always
             sys.exit(2)
         except click.UsageError as e:
+            if isinstance(e, _NO_ARGS_IS_HELP):  # `cifar-ray data` alone: click prints the help
+                raise
             path = e.ctx.command_path if e.ctx is not None else ctx.command_path
             message = " ".join(e.format_message().split())
             click.echo(f"error: {message} (see {path} --help)", err=True)

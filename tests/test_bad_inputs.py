@@ -883,6 +883,8 @@ def test_controls_the_good_inputs_work(fx, tmp_path):
     """The rows spoil inputs that work: were these broken, the rows would prove nothing."""
     shown = invoke(["models", "show", fx.spec])
     assert shown.exit_code == 0, shown.output
+    group = invoke(["data"])  # a group alone shows its help, not an error line
+    assert "Usage:" in group.output and "Commands:" in group.output and "error:" not in group.output
     predicted = invoke(["predict", fx.ckpt, fx.image, "--json"])
     assert predicted.exit_code == 0, predicted.output
     big = _write(fx.tmp / "big.png", encode(random_images(1, 2, (40, 50))[0]))  # resized, not refused
