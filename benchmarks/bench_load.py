@@ -1,6 +1,7 @@
 """Load: a sweep of many small trials on local Ray (BENCHMARKS.md, "Load").
 
     python benchmarks/bench_load.py [--trials 32] [--sizes 1000,8000] [--cpus 4] [--epochs 1]
+        [--contrast]
 
 For each dataset size (synthetic images) one sweep of N one-CPU trials (a grid over the
 learning rate, ASHA's grace = all epochs so none is stopped), `--cpus` logical CPUs so that
@@ -9,7 +10,9 @@ of Ray's (shared pages, the object store's included, split among the processes t
 them), the machine's used memory (MemTotal - MemAvailable: other users' processes count
 too) and the object store's bytes in use. If every trial copied the dataset, the PSS peak
 would grow by (trials at once + 1) x the dataset between the two sizes; shared through the
-object store it grows by about one dataset. Prints one JSON object.
+object store it grows by about one dataset. `--contrast` adds a sweep of the largest size
+with the images stored NHWC, so that each trial makes its own NCHW copy: what a copy per
+trial costs, measured the same way. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -76,10 +79,12 @@ class Sampler:
         self._thread.join()
 
 
-def sweep(images: int, trials: int, epochs: int) -> dict:
+def sweep(images: int, trials: int, epochs: int, copied: bool = False) -> dict:
     lrs = [round(0.02 + 0.005 * i, 4) for i in range(trials)]
     space = S.parse({"base": {"data": {"source": f"synthetic:{images}"}, "model": MODEL,
-                              "train": {"epochs": epochs, "batch_size": 64}},
+                              # eval batches of 100: activations that do not grow with the data
+                              "train": {"epochs": epochs, "batch_size": 64,
+                                        "eval_batch_size": 100}},
                      "grid": {"optim.lr": lrs}}, "bench-load")
     settings = S.resolve_settings(space, {"grace": epochs, "cpus_per_trial": 1})
     from cifar_ray.train import load_split
@@ -87,13 +92,18 @@ def sweep(images: int, trials: int, epochs: int) -> dict:
 
     arrays = load_split(C.from_dict(space.base))  # prepares the cache before the clock
     dataset = sum(v.nbytes for v in arrays.values() if hasattr(v, "nbytes"))
+    shared = TU._shared_arrays
+    if copied:  # the contrast: NHWC in the store, so each trial makes its own NCHW copy
+        TU._shared_arrays = dict
     with tempfile.TemporaryDirectory() as tmp, Sampler() as s:
         t0 = time.perf_counter()
         sw = TU.run(space, settings, Path(tmp) / "sweep", echo=lambda *a: None)
         wall = time.perf_counter() - t0
+    TU._shared_arrays = shared
     done = sum(t.status == "done" for t in sw.trials)
     mb = lambda b: round(b / 2**20)  # noqa: E731
-    return {"images": images, "dataset_mb": round(dataset / 2**20, 1), "trials_done": done,
+    return {"images": images, "layout": "nhwc_copied" if copied else "nchw_shared",
+            "dataset_mb": round(dataset / 2**20, 1), "trials_done": done,
             "wall_s": round(wall, 1), "peak_pss_mb": mb(s.pss),
             "peak_machine_used_mb": mb(s.machine), "peak_object_store_mb": round(s.store / 2**20, 1),
             **({"store_error": s.error} if s.error else {})}
@@ -105,21 +115,28 @@ def main():
     ap.add_argument("--sizes", default="1000,8000", help="synthetic images per sweep")
     ap.add_argument("--cpus", type=int, default=4, help="Ray's logical CPUs = trials at once")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--contrast", action="store_true",
+                    help="also the largest size with a copy per trial (NHWC in the store)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
-    runs = [sweep(int(n), args.trials, args.epochs) for n in args.sizes.split(",")]
-    ray.shutdown()
+    sizes = [int(n) for n in args.sizes.split(",")]
+    runs = [sweep(n, args.trials, args.epochs) for n in sizes]
     small, big = runs[0], runs[-1]
+    if args.contrast:
+        runs.append(sweep(sizes[-1], args.trials, args.epochs, copied=True))
+    ray.shutdown()
     extra_data = big["dataset_mb"] - small["dataset_mb"]
     result = {"bench": "load", "trials": args.trials, "trials_at_once": args.cpus,
               "epochs": args.epochs, "runs": runs,
               "pss_growth_per_dataset_growth": round((big["peak_pss_mb"] - small["peak_pss_mb"])
                                                      / extra_data, 2) if extra_data else None,
               "if_copied_per_trial": args.cpus + 1,
+              **({"copied_minus_shared_pss_mb": runs[-1]["peak_pss_mb"] - big["peak_pss_mb"]}
+                 if args.contrast else {}),
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
                          f"{round(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30)} GiB",
               "load_average": round(os.getloadavg()[0], 1),

@@ -54,7 +54,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            with contextlib.suppress(OSError):  # a filesystem without modes keeps its own
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
@@ -80,7 +81,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(old)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o777 & ~_UMASK)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():

@@ -205,6 +205,8 @@ def test_killed_tune_driver_leaves_no_ray_behind_and_resumes_every_trial_once(ra
         driver.kill()
         _kill(ray_procs)
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    print(f"{len(ray_procs)} Ray processes; {len(left)} left 20 s after the kill (stopped "
+          f"here): {sorted(set(left.values()))}")
     assert any("gcs_server" in c for c in ray_procs.values()), ray_procs  # it started its own
     assert set(left.values()) <= set(AGENTS), left  # GCS, raylet, trial workers: gone
     assert not _alive(ray_procs)
