@@ -4,7 +4,7 @@ write; determinism of the metrics; a 32-trial sweep on one data copy.
 
 Real processes are killed at known places: cifar_ray.faults makes the process that reaches
 a named point write its PID to a file and wait, the test kills that PID. `pytest -m faults`
-runs these alone (about 4 minutes on a 2-core VM)."""
+runs these alone (2.5-4 minutes on the shared 2-core VM)."""
 
 import json
 import os
