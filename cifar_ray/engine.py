@@ -248,7 +248,7 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 class Reporter(Protocol):
     def progress(self, epoch: int, step: int, steps: int) -> None:
-        """Called on rank 0 every few steps inside an epoch."""
+        """Called on every rank every few steps inside an epoch (show rank 0's)."""
 
     def epoch_end(self, metrics: dict, state: Callable[[], dict] | None) -> None:
         """Called on every rank after each epoch (a barrier in Ray). `state()` builds the
@@ -323,7 +323,7 @@ def train_epoch(loop: Loop, loader: DeviceLoader, epoch: int, total_steps: int,
                 raise NonFiniteLoss(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}/{steps}; "
                     "lower optim.lr or set optim.grad_clip (e.g. --set optim.grad_clip=1.0)")
-        if rank == 0 and (i % 5 == 0 or i == steps - 1):
+        if i % 5 == 0 or i == steps - 1:
             reporter.progress(epoch, i + 1, steps)
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)  # the epoch's time includes its queued GPU work

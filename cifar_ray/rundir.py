@@ -37,8 +37,12 @@ def is_run(path: Path) -> bool:
 
 def checkpoint_dirs(run: Path) -> dict[int, Path]:
     """Epoch -> checkpoint folder, for every complete checkpoint in the run."""
+    return epoch_dirs(Path(run) / CHECKPOINTS)
+
+
+def epoch_dirs(root: Path) -> dict[int, Path]:
+    """Epoch -> folder, for every epoch-NNNN/state.pt in Ray Train's experiment folder."""
     found = {}
-    root = run / CHECKPOINTS
     if root.is_dir():
         for d in root.iterdir():
             m = _EPOCH_DIR.match(d.name)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_ray import config as C
-from cifar_ray import rundir
+from cifar_ray import faults, rundir
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import check_writable_dir
 
@@ -84,6 +84,7 @@ class _RayReporter:
                 pass
 
     def progress(self, epoch, step, steps):
+        faults.point("train-step", rank=self.rank, epoch=epoch + 1, step=step)
         now = time.monotonic()
         if now - self._last_put > 0.5 or step == steps:
             self._last_put = now
@@ -134,6 +135,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         newest = ray.get(loop_config["resume"])
         if resume is None or newest["epoch"] > resume["epoch"]:
             resume = newest
+    # Ray registers a checkpoint once it has polled every worker's report of it (every 2 s):
+    # after a worker died just past a report, a newer complete checkpoint is on disk.
+    newest = newest_in(Path(loop_config["checkpoints"]), resume["epoch"] if resume else 0)
+    resume = newest or resume
     reporter = _RayReporter(loop_config.get("queue"), rank)
     try:
         engine.fit(cfg, to_split(arrays), device=ray.train.torch.get_device(), rank=rank,
@@ -203,7 +208,8 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: st
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": C.to_dict(cfg), "data": data_ref, "queue": queue,
-                           "threads": res.cpus_per_worker, "resume": resume},
+                           "threads": res.cpus_per_worker, "resume": resume,
+                           "checkpoints": str(Path(storage) / name)},
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker,
@@ -289,10 +295,16 @@ def absolute_paths(cfg: C.Config) -> C.Config:
 
 def newest_state(out: Path, echo=print) -> dict | None:
     """The newest checkpoint of a run that loads; a copy cut short by a kill is skipped."""
+    return newest_in(Path(out) / RUN_NAME, echo=echo)
+
+
+def newest_in(folder: Path, newer_than: int = 0, echo=print) -> dict | None:
+    """The newest checkpoint after epoch `newer_than` in Ray Train's experiment folder
+    (epoch-NNNN/state.pt) that loads; a copy cut short by a kill is skipped."""
     from cifar_ray.engine import load_state
 
-    ckpts = rundir.checkpoint_dirs(out)
-    for epoch in sorted(ckpts, reverse=True):
+    ckpts = rundir.epoch_dirs(folder)
+    for epoch in sorted((e for e in ckpts if e > newer_than), reverse=True):
         try:
             return load_state(ckpts[epoch] / rundir.STATE_FILE)
         except UserError as e:
