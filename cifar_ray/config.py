@@ -286,10 +286,14 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a YAML file or raise a UserError naming it."""
-    p = Path(path)
+    """Read a YAML file (a path or a URI: see storage.py) or raise a UserError naming it."""
+    from cifar_ray import storage
+
     try:
-        text = p.read_text()
+        if storage.is_uri(path):
+            text = storage.read_bytes(storage.locate(path), "").decode()
+        else:
+            text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read {what}: {e.strerror or e}") from None
     try:
@@ -304,8 +308,12 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def config_path(name_or_path: str) -> Path:
-    """A preset name (e.g. `speed-cpu`) or a path to a YAML config file."""
+def config_path(name_or_path: str) -> Path | str:
+    """A preset name (e.g. `speed-cpu`), a path to a YAML config file, or its URI."""
+    from cifar_ray import storage
+
+    if storage.is_uri(name_or_path):
+        return name_or_path
     p = Path(name_or_path)
     if p.is_file():
         return p

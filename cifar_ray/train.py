@@ -7,12 +7,14 @@ driver through a small Ray queue, so the driver prints a progress bar and one li
 epoch and rewrites metrics.csv as the run goes. Checkpoints go through `ray.train.report`
 into DIR/checkpoints/epoch-NNNN/; Ray restores the latest one when a worker dies
 (FailureConfig) and when the same run directory is trained again (--resume).
+
+DIR may be a URI (s3://, gs://, ...; see storage.py): Ray Train writes the checkpoints there
+itself, and the driver writes its files into a local stage and uploads each as it changes.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_ray import config as C
-from cifar_ray import rundir
+from cifar_ray import rundir, storage
 from cifar_ray.errors import UserError
 
 RUN_NAME = rundir.CHECKPOINTS  # Ray's experiment folder inside the run directory
@@ -192,10 +194,11 @@ def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
     return Resources(workers, per_worker, scale.gpu)
 
 
-def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: str,
+def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Location, name: str,
                  queue=None, callbacks=None, resume=None):
-    """The TorchTrainer of one run (train and tune both build theirs here). `resume`: an
-    object ref of a checkpoint state to start from when Ray's own is older or absent."""
+    """The TorchTrainer of one run (train and tune both build theirs here), its checkpoints
+    in `where`/`name`. `resume`: an object ref of a checkpoint state to start from when
+    Ray's own is older or absent."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -208,7 +211,7 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: st
                                      resources_per_worker={"CPU": res.cpus_per_worker,
                                                            **({"GPU": 1} if res.gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks,
+            name=name, **where.ray_storage(), callbacks=callbacks,
             # Keep the best checkpoint by val accuracy; Ray always keeps the latest too.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",
                                                checkpoint_score_order="max"),
@@ -245,18 +248,20 @@ class _Console:
         print(line, flush=True)
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(out: storage.Location, resume: bool, overwrite: bool) -> None:
     if resume:
-        if not (out / "config.yaml").is_file():
-            raise UserError(f"--resume {out}: not a run directory (no config.yaml)")
+        if not storage.exists(out, "config.yaml"):
+            raise UserError(f"--resume {out.text}: not a run directory (no config.yaml)")
         return
-    if out.exists() and any(out.iterdir()):
+    if not storage.is_empty(out):
         if not overwrite:
-            what = "another run" if rundir.is_run(out) else "files"
-            raise UserError(f"--out {out}: holds {what}; pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+            is_run = storage.exists(out, "config.yaml") or storage.exists(out, rundir.CHECKPOINTS)
+            raise UserError(f"--out {out.text}: holds {'another run' if is_run else 'files'}; "
+                            "pass --resume to continue it, --overwrite to replace it, or "
+                            "choose another folder")
+        storage.remove(out)
+    if not out.remote:
+        Path(out.path).mkdir(parents=True, exist_ok=True)
 
 
 def absolute_paths(cfg: C.Config) -> C.Config:
@@ -268,51 +273,65 @@ def absolute_paths(cfg: C.Config) -> C.Config:
     return C.replace(cfg, **changes) if changes else cfg
 
 
-def newest_state(out: Path, echo=print) -> dict | None:
-    """The newest checkpoint of a run that loads; a copy cut short by a kill is skipped."""
+def newest_state(out: Path, echo=print, fetch=Path) -> dict | None:
+    """The newest checkpoint of a run that loads; a copy cut short by a kill is skipped.
+    `fetch`: a stage's, when `out` is one (a checkpoint is downloaded when read)."""
     from cifar_ray.engine import load_state
 
     ckpts = rundir.checkpoint_dirs(out)
     for epoch in sorted(ckpts, reverse=True):
         try:
-            return load_state(ckpts[epoch] / rundir.STATE_FILE)
+            return load_state(fetch(ckpts[epoch] / rundir.STATE_FILE))
         except UserError as e:
             echo(f"warning: skipping checkpoint of epoch {epoch}: {e}")
     return None
 
 
-def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         check_resources: bool = True, verbose: bool = False, echo=print) -> dict:
-    """Train `cfg` into run directory `out` on Ray Train; return the summary."""
-    import ray
-    from ray.util.queue import Queue
-
+    """Train `cfg` into run directory `out` (a path or URI) on Ray Train; return the
+    summary."""
     from cifar_ray.models import model_info
 
-    out = Path(out).resolve()
+    loc = storage.locate(out, "--resume" if resume else "--out")
+    storage.exists(loc)  # an unreachable store fails now, before the data and Ray
     if cfg.scale.workers < 1:
         raise UserError("scale.workers must be >= 1 for `cifar-ray train`")
     cfg = absolute_paths(cfg)
     arrays = load_split(cfg)
     # A bad model or spec fails here, before Ray starts.
     info = model_info(cfg.model.name, num_classes=len(arrays["classes"]), **cfg.model.args)
-    prepare_run_dir(out, resume, overwrite)
-    C.save_config(cfg, out / "config.yaml")
+    prepare_run_dir(loc, resume, overwrite)
+    with storage.Stage(loc) as stage:
+        if resume:
+            stage.pull()
+        C.save_config(cfg, stage.local / "config.yaml")
+        stage.push()
+        return _run(cfg, arrays, info, stage, resume, check_resources, verbose, echo)
+
+
+def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: bool,
+         check_resources: bool, verbose: bool, echo) -> dict:
+    """The Ray part of `run`: start the trainer, follow it, write the run's files."""
+    import ray
+    from ray.util.queue import Queue
+
+    out = stage.local  # the run directory, or its local stage when it is a URI
     started_ray = not ray.is_initialized()
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
     history: dict[int, dict] = {}
     resume_ref = None
-    newest = newest_state(out, echo) if resume else None
+    newest = newest_state(out, echo, stage.fetch) if resume else None
     if newest is not None:
         history = {row["epoch"]: row for row in newest["history"]}
         resume_ref = ray.put(newest)
         del newest
     console = _Console(cfg.train.epochs)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    trainer = make_trainer(cfg, ray.put(arrays), res, str(out), RUN_NAME, queue=queue,
+    trainer = make_trainer(cfg, ray.put(arrays), res, stage.loc, RUN_NAME, queue=queue,
                            resume=resume_ref)
-    del arrays  # the object store holds the one copy now
+    arrays.clear()  # the object store holds the one copy now (the caller's dict is this one)
     outcome: dict = {}
 
     def _fit():
@@ -339,11 +358,15 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
                 history[item[1]["epoch"]] = item[1]
                 rows = [history[k] for k in sorted(history)]
                 rundir.write_metrics(rows, out / "metrics.csv")
+                try:
+                    stage.push()
+                except UserError as e:  # the store may be back by the next epoch
+                    echo(f"warning: {e}")
                 console.epoch(item[1])
         thread.join()
     except KeyboardInterrupt:
         echo(f"\ninterrupted: stopping workers; the last finished epoch is saved. "
-             f"Resume with: cifar-ray train --resume {out}")
+             f"Resume with: cifar-ray train --resume {stage.loc.text}")
         if started_ray:
             ray.shutdown()
         thread.join(timeout=30)
@@ -351,7 +374,7 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
     wall = time.perf_counter() - t0
     if "error" in outcome and error is None:
         raise RuntimeError(f"training failed: {outcome['error']}") from outcome["error"]
-    summary = finish_run(out, cfg, info, wall)
+    summary = finish_run(stage, cfg, info, wall)
     if started_ray and ray.is_initialized():
         ray.shutdown()
     if error:
@@ -359,12 +382,14 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
     return summary
 
 
-def finish_run(out: Path, cfg: C.Config, info: dict, wall_seconds: float) -> dict:
+def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: float) -> dict:
     """Write metrics.csv, curves.png and summary.json from the newest checkpoint's history
     (the authority: it survives driver restarts and worker failures)."""
     from cifar_ray.report import plot_curves
 
-    newest = newest_state(out, echo=lambda *a: None)
+    stage.pull()  # the checkpoints as Ray left them
+    out = stage.local
+    newest = newest_state(out, lambda *a: None, stage.fetch)
     history = newest["history"] if newest else []
     if not history:
         return {"epochs": 0}
@@ -389,4 +414,5 @@ def finish_run(out: Path, cfg: C.Config, info: dict, wall_seconds: float) -> dic
     if "test_acc" in last:
         summary["test_acc"] = last["test_acc"]
     rundir.write_summary(out, summary)
+    stage.push()
     return summary
