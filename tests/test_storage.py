@@ -12,7 +12,9 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 
+from cifar_ray import config as C
 from cifar_ray import storage
 from cifar_ray.cli import main
 from cifar_ray.errors import UserError
@@ -177,7 +179,7 @@ def test_train_to_s3_writes_the_run_dir_in_the_bucket(s3_run):
 
 
 @pytest.mark.ray
-def test_evaluate_and_report_read_the_run_in_the_bucket(s3_run):
+def test_evaluate_predict_and_report_read_the_run_in_the_bucket(s3_run, tmp_path):
     uri = s3_run[0]
     ev = cli("evaluate", uri, "--json")
     assert ev.exit_code == 0, ev.output
@@ -186,6 +188,10 @@ def test_evaluate_and_report_read_the_run_in_the_bucket(s3_run):
         storage.join(uri, f"checkpoints/epoch-000{e}/state.pt") for e in (1, 2)}
     assert result["confusion_png"] == storage.join(uri, "confusion-val.png")
     assert read(uri, "confusion-val.png")[:4] == b"\x89PNG"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "x.png")
+    pred = cli("predict", storage.join(uri, "checkpoints/epoch-0002"), tmp_path / "x.png", "--json")
+    assert pred.exit_code == 0, pred.output
+    assert len(json.loads(pred.output)[0]["top"]) == 3
     rep = cli("report", uri)
     assert rep.exit_code == 0 and rep.output.strip() == f"report: {storage.join(uri, 'report.md')}"
     assert "# Run report: run-1" in read(uri, "report.md").decode()
@@ -223,6 +229,7 @@ def test_tune_to_s3_and_report_it(ray_local, s3, tmp_path, monkeypatch):
     assert all(t["checkpoint"] in names for t in trials)  # the best checkpoints, in the bucket
     assert any(n.endswith("/asha.json") for n in names)
     assert f"cifar-ray train --config {storage.join(uri, 'best.yaml')}" in read(uri, "report.md").decode()
+    assert C.load_config(storage.join(uri, "best.yaml")).optim.lr in (0.05, 0.1)  # --config URI
 
     # `report` on the bucket rewrites the report there.
     storage.locate(uri).fs.delete_file(storage.locate(uri).sub("report.md").path)
