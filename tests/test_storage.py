@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
