@@ -4,7 +4,6 @@ library. Bad input surfaces as a `UserError`, printed as one line with exit stat
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -60,8 +59,8 @@ def _config_from_options(config, sets, flags: dict, base: dict | None = None):
 @click.option("--seed", type=int, help="Seed of init, shuffling and augmentation.")
 @click.option("--config", "config", help="Config YAML file or preset name.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set optim.lr=0.1 (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to create.")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
+@click.option("--out", help="Run directory to create: a path, or a URI such as s3://BUCKET/PREFIX or gs://BUCKET/PREFIX.")
+@click.option("--resume", help="Continue the run in this directory (a path or URI).")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
 @click.option("--no-resource-check", is_flag=True, help="Start even if the Ray cluster lacks the CPUs/GPUs now (an autoscaler will add them).")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the workers' log lines.")
@@ -71,6 +70,7 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
 
     Ray runs locally unless RAY_ADDRESS names a cluster."""
     from cifar_ray import config as C
+    from cifar_ray import storage
     from cifar_ray import train as T
 
     flags = {"model.name": model, "data.source": data, "train.epochs": epochs,
@@ -78,18 +78,18 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
              "scale.gpu": None if gpu is None else str(gpu).lower(), "data.limit": limit,
              "train.seed": seed}
     if resume:
-        if out and Path(out).resolve() != Path(resume).resolve():
+        loc = storage.locate(resume, "--resume")
+        if out and storage.locate(out, "--out").text != loc.text:
             raise UserError("give either --out or --resume, not both")
         changed = [k for k, v in flags.items() if v is not None and k != "train.epochs"]
         if changed or config or sets:
             raise UserError(f"--resume {resume}: only --epochs may change on resume "
                             f"(got {', '.join(changed) or '--config/--set'})")
-        saved = C.read_yaml(Path(resume) / "config.yaml", "run config") \
-            if (Path(resume) / "config.yaml").is_file() else None
-        if saved is None:
+        if not storage.exists(loc, "config.yaml"):
             raise UserError(f"--resume {resume}: not a run directory (no config.yaml)")
+        saved = C.read_yaml(loc.sub("config.yaml").text, "run config")
         cfg = _config_from_options(None, (), {"train.epochs": epochs}, base=saved)
-        out = resume
+        out = loc.text
     else:
         if not out:
             raise UserError("--out DIR is required (the run directory to create)")
@@ -100,7 +100,7 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
         click.echo(f"error: {summary['error']}", err=True)
         sys.exit(130 if summary["error"] == "interrupted" else 1)
     click.echo(f"best val acc {summary.get('best_val_acc') or 0:.4f} (epoch {summary.get('best_epoch')}), "
-               f"{summary.get('train_seconds', 0):.1f}s training; run: {Path(out).resolve()}")
+               f"{summary.get('train_seconds', 0):.1f}s training; run: {storage.locate(out).text}")
 
 
 @main.command()
@@ -115,17 +115,20 @@ def evaluate(target, data, split, tta, which, as_json):
     """Accuracy, per-class accuracy and confusion matrix of a trained model."""
     import json
 
+    from cifar_ray import storage
     from cifar_ray.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(target, data, split, tta, which)
-    run = Path(target)
-    if run.is_dir() and (run / "config.yaml").is_file():
-        from cifar_ray.report import plot_confusion
+    with storage.local_copy(target) as (run, stage):
+        result = evaluate_checkpoint(run, data, split, tta, which)
+        result["checkpoint"] = stage.shown(result["checkpoint"])
+        if run.is_dir() and (run / "config.yaml").is_file():
+            from cifar_ray.report import plot_confusion
 
-        png = run / f"confusion-{split}.png"
-        plot_confusion(result["confusion"], result["classes"], png,
-                       title=f"{split}: accuracy {result['accuracy']:.4f}")
-        result["confusion_png"] = str(png)
+            png = run / f"confusion-{split}.png"
+            plot_confusion(result["confusion"], result["classes"], png,
+                           title=f"{split}: accuracy {result['accuracy']:.4f}")
+            stage.push()
+            result["confusion_png"] = stage.shown(png)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -152,9 +155,11 @@ def predict(target, images, top_k, tta, as_json):
     """Top-k classes with probabilities for image files (resized to 32x32 if needed)."""
     import json
 
+    from cifar_ray import storage
     from cifar_ray.inference import predict as run_predict
 
-    results = run_predict(target, list(images), top_k, tta)
+    with storage.local_copy(target) as (run, _):
+        results = run_predict(run, list(images), top_k, tta)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -178,8 +183,9 @@ def predict(target, images, top_k, tta, as_json):
 @click.option("--cpus-per-trial", type=float, help="CPUs of a trial (all its workers together; default 1).")
 @click.option("--limit", type=int, help="Train every trial on a stratified subset of this many images.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key of the space's base config (repeatable).")
-@click.option("--out", help="Sweep directory to create (local, or a shared filesystem on a multi-node cluster).")
-@click.option("--resume", help="Continue the interrupted sweep in this directory.")
+@click.option("--out", help="Sweep directory to create: a path (on a multi-node cluster, one every node "
+              "shares) or a URI such as s3://BUCKET/PREFIX or gs://BUCKET/PREFIX.")
+@click.option("--resume", help="Continue the interrupted sweep in this directory (a path or URI).")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
 @click.option("--list-spaces", is_flag=True, help="List the built-in spaces and exit.")
 @click.option("--no-resource-check", is_flag=True, help="Start even if the cluster lacks a trial's CPUs/GPUs now (an autoscaler will add them).")
@@ -200,13 +206,8 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
 
     from cifar_ray import config as C
     from cifar_ray import space as S
+    from cifar_ray import storage
 
-    for flag, value in (("--out", out), ("--resume", resume)):
-        if value and "://" in value:
-            raise UserError(f"{flag} {value}: a sweep directory must be a filesystem path (on a "
-                            "multi-node cluster, one all nodes share, e.g. NFS); URIs are not "
-                            "supported")
-    out, resume = (Path(v) if v else None for v in (out, resume))
     if list_spaces:
         for name, path in S.builtin_spaces().items():
             sp = S.load_space(str(path))
@@ -223,7 +224,7 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
         if given:
             raise UserError(f"--resume {resume}: a resumed sweep keeps its space and options "
                             f"(got {', '.join(given)})")
-        if out and Path(out).resolve() != Path(resume).resolve():
+        if out and storage.locate(out, "--out").text != storage.locate(resume, "--resume").text:
             raise UserError("give either --out or --resume, not both")
         space, settings, out = None, None, resume
     else:
@@ -255,7 +256,7 @@ def _run_sweep(space, settings, out, resume, overwrite, check_resources, verbose
     unfinished = sw.planned - sum(t.status != "incomplete" for t in sw.trials)
     if unfinished > 0:
         click.echo(f"error: sweep interrupted with {unfinished} of {sw.planned} trials unfinished; "
-                   f"continue with: cifar-ray tune --resume {sw.path}", err=True)
+                   f"continue with: cifar-ray tune --resume {sw.shown()}", err=True)
         sys.exit(1)
 
 
@@ -270,29 +271,36 @@ def _echo_summary(sw) -> None:
                + (f", {sw.planned - sum(counts.values())} unfinished" if sw.planned > sum(counts.values()) else ""))
     if best is not None:
         click.echo(f"best val acc {best.best_val_acc:.4f}: {best.trial_id} ({trial_label(best)}); "
-                   f"config: {sw.path / 'best.yaml'}")
-    click.echo(f"report: {sw.path / 'report.md'}")
+                   f"config: {sw.shown('best.yaml')}")
+    click.echo(f"report: {sw.shown('report.md')}")
 
 
 @main.command()
-@click.argument("target", metavar="SWEEP_DIR|RUN_DIR", type=click.Path(path_type=Path))
+@click.argument("target", metavar="SWEEP_DIR|RUN_DIR")
 def report(target):
     """Write report.md (ranked trials, seed noise, curves, one plot per swept key) for a
-    sweep directory, or report.md with curves for a run directory."""
-    from cifar_ray import rundir
+    sweep directory, or report.md with curves for a run directory. Either may be a URI
+    (s3://, gs://, ...): the report is written there."""
+    from cifar_ray import rundir, storage
     from cifar_ray import sweepdir as D
     from cifar_ray.report import run_report, sweep_report
 
-    if D.is_sweep(target):
-        sw = D.read_sweep(target)
-        D.write_tables(sw)
-        sweep_report(sw)
-        _echo_summary(sw)
-    elif rundir.is_run(target):
-        click.echo(f"report: {run_report(target)}")
-    else:
+    loc = storage.locate(target)
+    if not any(storage.exists(loc, name) for name in (D.SPACE_FILE, "config.yaml", rundir.CHECKPOINTS)):
         raise UserError(f"{target}: neither a sweep directory (space.yaml) nor a run "
                         "directory (config.yaml)")
+    with storage.Stage(loc) as stage:
+        stage.pull()
+        if D.is_sweep(stage.local):
+            sw = D.read_sweep(stage.local, location=loc.text)
+            D.write_tables(sw)
+            sweep_report(sw)
+            stage.push()
+            _echo_summary(sw)
+        else:
+            path = run_report(stage.local)
+            stage.push()
+            click.echo(f"report: {stage.shown(path)}")
 
 
 @main.command()

@@ -307,10 +307,14 @@ def yaml_value(raw: str, where: str) -> Any:
 
 
 def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a YAML file or raise a UserError naming it."""
-    p = Path(path)
+    """Read a YAML file (a path or a URI: see storage.py) or raise a UserError naming it."""
+    from cifar_ray import storage
+
     try:
-        text = p.read_text()
+        if storage.is_uri(path):
+            text = storage.read_bytes(storage.locate(path), "").decode()
+        else:
+            text = Path(path).read_text()
     except OSError as e:
         raise UserError(f"{path}: cannot read {what}: {e.strerror or e}") from None
     except UnicodeDecodeError:
@@ -338,8 +342,12 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def config_path(name_or_path: str) -> Path:
-    """A preset name (e.g. `speed-cpu`) or a path to a YAML config file."""
+def config_path(name_or_path: str) -> Path | str:
+    """A preset name (e.g. `speed-cpu`), a path to a YAML config file, or its URI."""
+    from cifar_ray import storage
+
+    if storage.is_uri(name_or_path):
+        return name_or_path
     p = Path(name_or_path)
     if p.is_file():
         return p

@@ -284,7 +284,7 @@ def sweep_report(sw) -> Path:
     st = sw.settings
     lines += [f"{max(sw.planned, len(sw.trials))} trials: {counts['done']} ran all {E} epochs, {counts['stopped']} "
               f"stopped early by ASHA, {counts['failed']} failed"
-              + (f", {counts['incomplete']} incomplete (`cifar-ray tune --resume {out}`)"
+              + (f", {counts['incomplete']} incomplete (`cifar-ray tune --resume {sw.shown()}`)"
                  if counts["incomplete"] else "")
               + f". ASHA on validation accuracy: grace {st.grace} epoch{'s' * (st.grace != 1)}, reduction {st.reduction:g}; "
               f"{st.seeds} seed(s) per configuration. Data: `{sw.base.data.source}`"
@@ -294,7 +294,7 @@ def sweep_report(sw) -> Path:
         lines += [f"**Best: {best.best_val_acc:.4f}** validation accuracy, trial `{best.trial_id}` "
                   f"({trial_label(best)}: {describe_changes(best.changes)}), epoch {best.best_epoch}. "
                   "Its config: "
-                  f"`best.yaml` (`cifar-ray train --config {out / 'best.yaml'}`).", ""]
+                  f"`best.yaml` (`cifar-ray train --config {sw.shown('best.yaml')}`).", ""]
 
     lines += ["## Configurations against seed noise", ""]
     if nz.base is not None:

@@ -12,7 +12,8 @@
                          <trial id>/ with result.json, checkpoint_NNNNNN/state.pt (+ epoch.json)
     DIR/train/           Ray Train's runs of multi-worker trials: train-<trial id>/epoch-NNNN/
 
-Reading needs no Ray: `cifar-ray report` works on a copied sweep directory.
+Reading needs no Ray: `cifar-ray report` works on a copied sweep directory, and on a local
+stage of one in a bucket (storage.Stage: `location` is then the URI to show).
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ class Sweep:
     base: C.Config  # the base config as run
     trials: list[Trial]  # those that started (have a folder)
     planned: int = 0  # trials the sweep will run in all
+    location: str = ""  # the sweep's path or URI, as shown to the user (default: path)
+
+    def shown(self, *parts: str) -> str:
+        from cifar_ray.storage import join
+
+        return join(self.location or str(Path(self.path).resolve()), *parts)
 
     @property
     def max_epochs(self) -> int:
@@ -122,8 +129,12 @@ def read_status(sweep: Path) -> dict:
     return status if isinstance(status, dict) else {}
 
 
+def status_text(status: dict) -> str:
+    return json.dumps(status, indent=1, sort_keys=True) + "\n"
+
+
 def write_status(sweep: Path, status: dict) -> None:
-    atomic_write(Path(sweep) / STATUS_FILE, json.dumps(status, indent=1, sort_keys=True) + "\n")
+    atomic_write(Path(sweep) / STATUS_FILE, status_text(status))
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -152,8 +163,13 @@ def _checkpoints(sweep: Path, trial_dir: Path, rows: list[dict]) -> dict[int, Pa
             found[epoch] = d / "state.pt"
     for row in rows:
         path = row.get("checkpoint_path")
-        if path and "epoch" in row and (Path(path) / "state.pt").is_file():
-            found[row["epoch"]] = Path(path) / "state.pt"
+        if path and "epoch" in row:
+            # Where Ray Train wrote it; else the same folder below this sweep (a copy, or
+            # a local stage of a bucket, where the reported path is the bucket's).
+            for ckpt in (Path(path), sweep / TRAIN_DIR / path.rsplit(f"/{TRAIN_DIR}/", 1)[-1]):
+                if (ckpt / "state.pt").is_file():
+                    found[row["epoch"]] = ckpt / "state.pt"
+                    break
     return found
 
 
@@ -185,7 +201,7 @@ def _trial_dirs(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def read_sweep(sweep: Path) -> Sweep:
+def read_sweep(sweep: Path, location: str = "") -> Sweep:
     sweep = Path(sweep)
     space, settings, base = load_space(sweep)
     status = read_status(sweep)
@@ -218,7 +234,7 @@ def read_sweep(sweep: Path) -> Sweep:
         if pick is not None:
             trial.checkpoint = _relative(ckpts[pick], sweep)
         trials.append(trial)
-    return Sweep(sweep, space, settings, base, trials, len(S.points(space, settings)))
+    return Sweep(sweep, space, settings, base, trials, len(S.points(space, settings)), location)
 
 
 # ---------------------------------------------------------------- writing the tables
@@ -303,7 +319,7 @@ def write_best(sw: Sweep) -> Trial | None:
     best = best_trial(sw)
     if best is not None:
         cfg = C.replace(best.config, scale__workers=max(1, best.config.scale.workers))
-        header = (f"# best trial {best.trial_id} of sweep {sw.path.resolve()}: val acc "
+        header = (f"# best trial {best.trial_id} of sweep {sw.shown()}: val acc "
                   f"{best.best_val_acc:.4f} at epoch {best.best_epoch}\n")
         atomic_write(sw.path / "best.yaml", header + C.dump_yaml(cfg))
     return best

@@ -7,12 +7,14 @@ driver through a small Ray queue, so the driver prints a progress bar and one li
 epoch and rewrites metrics.csv as the run goes. Checkpoints go through `ray.train.report`
 into DIR/checkpoints/epoch-NNNN/; Ray restores the latest one when a worker dies
 (FailureConfig) and when the same run directory is trained again (--resume).
+
+DIR may be a URI (s3://, gs://, ...; see storage.py): Ray Train writes the checkpoints there
+itself, and the driver writes its files into a local stage and uploads each as it changes.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_ray import config as C
-from cifar_ray import faults, rundir
+from cifar_ray import faults, rundir, storage
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import check_writable_dir
 
@@ -137,8 +139,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             resume = newest
     # Ray registers a checkpoint once it has polled every worker's report of it (every 2 s):
     # after a worker died just past a report, a newer complete checkpoint is on disk.
-    newest = newest_in(Path(loop_config["checkpoints"]), resume["epoch"] if resume else 0)
-    resume = newest or resume
+    if loop_config.get("checkpoints"):
+        newest = newest_in(Path(loop_config["checkpoints"]), resume["epoch"] if resume else 0)
+        resume = newest or resume
     reporter = _RayReporter(loop_config.get("queue"), rank)
     try:
         engine.fit(cfg, to_split(arrays), device=ray.train.torch.get_device(), rank=rank,
@@ -198,10 +201,11 @@ def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
     return Resources(workers, per_worker, scale.gpu)
 
 
-def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: str,
+def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Location, name: str,
                  queue=None, callbacks=None, resume=None):
-    """The TorchTrainer of one run (train and tune both build theirs here). `resume`: an
-    object ref of a checkpoint state to start from when Ray's own is older or absent."""
+    """The TorchTrainer of one run (train and tune both build theirs here), its checkpoints
+    in `where`/`name`. `resume`: an object ref of a checkpoint state to start from when
+    Ray's own is older or absent."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -209,13 +213,14 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, storage: str, name: st
         train_loop_per_worker,
         train_loop_config={"config": C.to_dict(cfg), "data": data_ref, "queue": queue,
                            "threads": res.cpus_per_worker, "resume": resume,
-                           "checkpoints": str(Path(storage) / name)},
+                           # read by the workers when local (a bucket: Ray's checkpoint only)
+                           "checkpoints": None if where.remote else str(Path(where.path) / name)},
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker,
                                                            **({"GPU": 1} if res.gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks,
+            name=name, **where.ray_storage(), callbacks=callbacks,
             # Keep the best checkpoint by val accuracy; Ray always keeps the latest too.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",
                                                checkpoint_score_order="max"),
@@ -262,26 +267,29 @@ def check_batch(cfg: C.Config, n_train: int, workers: int, where: str = "train.b
                         f"{per_worker}; lower the batch size or use more data")
 
 
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(out: storage.Location, resume: bool, overwrite: bool) -> None:
     """prepare_run_dir's refusals, without touching anything."""
     if resume:
-        if not (out / "config.yaml").is_file():
-            raise UserError(f"--resume {out}: not a run directory (no config.yaml)")
+        if not storage.exists(out, "config.yaml"):
+            raise UserError(f"--resume {out.text}: not a run directory (no config.yaml)")
         return
-    check_writable_dir(out, "--out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "another run" if rundir.is_run(out) else "files"
-        raise UserError(f"--out {out}: holds {what}; pass --resume to continue it, "
-                        "--overwrite to replace it, or choose another folder")
+    if not out.remote:
+        check_writable_dir(out.path, "--out", out.text)
+    if not storage.is_empty(out) and not overwrite:
+        is_run = storage.exists(out, "config.yaml") or storage.exists(out, rundir.CHECKPOINTS)
+        raise UserError(f"--out {out.text}: holds {'another run' if is_run else 'files'}; "
+                        "pass --resume to continue it, --overwrite to replace it, or "
+                        "choose another folder")
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(out: storage.Location, resume: bool, overwrite: bool) -> None:
     check_run_dir(out, resume, overwrite)
     if resume:
         return
-    if out.exists() and any(out.iterdir()):  # --overwrite
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_empty(out):  # --overwrite
+        storage.remove(out)
+    if not out.remote:
+        Path(out.path).mkdir(parents=True, exist_ok=True)
 
 
 def absolute_paths(cfg: C.Config) -> C.Config:
@@ -293,12 +301,13 @@ def absolute_paths(cfg: C.Config) -> C.Config:
     return C.replace(cfg, **changes) if changes else cfg
 
 
-def newest_state(out: Path, echo=print) -> dict | None:
-    """The newest checkpoint of a run that loads; a copy cut short by a kill is skipped."""
-    return newest_in(Path(out) / RUN_NAME, echo=echo)
+def newest_state(out: Path, echo=print, fetch=Path) -> dict | None:
+    """The newest checkpoint of a run that loads; a copy cut short by a kill is skipped.
+    `fetch`: a stage's, when `out` is one (a checkpoint is downloaded when read)."""
+    return newest_in(Path(out) / RUN_NAME, echo=echo, fetch=fetch)
 
 
-def newest_in(folder: Path, newer_than: int = 0, echo=print) -> dict | None:
+def newest_in(folder: Path, newer_than: int = 0, echo=print, fetch=Path) -> dict | None:
     """The newest checkpoint after epoch `newer_than` in Ray Train's experiment folder
     (epoch-NNNN/state.pt) that loads; a copy cut short by a kill is skipped."""
     from cifar_ray.engine import load_state
@@ -306,48 +315,62 @@ def newest_in(folder: Path, newer_than: int = 0, echo=print) -> dict | None:
     ckpts = rundir.epoch_dirs(folder)
     for epoch in sorted((e for e in ckpts if e > newer_than), reverse=True):
         try:
-            return load_state(ckpts[epoch] / rundir.STATE_FILE)
+            return load_state(fetch(ckpts[epoch] / rundir.STATE_FILE))
         except UserError as e:
             echo(f"warning: skipping checkpoint of epoch {epoch}: {e}")
     return None
 
 
-def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         check_resources: bool = True, verbose: bool = False, echo=print) -> dict:
-    """Train `cfg` into run directory `out` on Ray Train; return the summary."""
-    import ray
-    from ray.util.queue import Queue
-
+    """Train `cfg` into run directory `out` (a path or URI) on Ray Train; return the
+    summary."""
     from cifar_ray.models import model_info
 
-    out = Path(out).resolve()
+    loc = storage.locate(out, "--resume" if resume else "--out")
+    storage.exists(loc)  # an unreachable store fails now, before the data and Ray
     if cfg.scale.workers < 1:
         raise UserError("scale.workers must be >= 1 for `cifar-ray train`")
     cfg = absolute_paths(cfg)
     # Bad input fails before the data is prepared, Ray starts or DIR is written: the model
     # (again below with the data's classes), DIR, the batch size against the data, the cluster.
     model_info(cfg.model.name, **cfg.model.args)
-    check_run_dir(out, resume, overwrite)
+    check_run_dir(loc, resume, overwrite)
     arrays = load_split(cfg)
     info = model_info(cfg.model.name, num_classes=len(arrays["classes"]), **cfg.model.args)
     check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
+    with storage.Stage(loc) as stage:
+        return _run(cfg, arrays, info, stage, resume, overwrite, check_resources, verbose,
+                    echo)
+
+
+def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: bool,
+         overwrite: bool, check_resources: bool, verbose: bool, echo) -> dict:
+    """The Ray part of `run`: start the trainer, follow it, write the run's files."""
+    import ray
+    from ray.util.queue import Queue
+
+    out = stage.local  # the run directory, or its local stage when it is a URI
     started_ray = not ray.is_initialized()
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
-    prepare_run_dir(out, resume, overwrite)
+    prepare_run_dir(stage.loc, resume, overwrite)  # after the checks: a refusal writes nothing
+    if resume:
+        stage.pull()
     C.save_config(cfg, out / "config.yaml")
+    stage.push()
     history: dict[int, dict] = {}
     resume_ref = None
-    newest = newest_state(out, echo) if resume else None
+    newest = newest_state(out, echo, stage.fetch) if resume else None
     if newest is not None:
         history = {row["epoch"]: row for row in newest["history"]}
         resume_ref = ray.put(newest)
         del newest
     console = _Console(cfg.train.epochs)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    trainer = make_trainer(cfg, ray.put(arrays), res, str(out), RUN_NAME, queue=queue,
+    trainer = make_trainer(cfg, ray.put(arrays), res, stage.loc, RUN_NAME, queue=queue,
                            resume=resume_ref)
-    del arrays  # the object store holds the one copy now
+    arrays.clear()  # the object store holds the one copy now (the caller's dict is this one)
     outcome: dict = {}
 
     def _fit():
@@ -374,11 +397,15 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
                 history[item[1]["epoch"]] = item[1]
                 rows = [history[k] for k in sorted(history)]
                 rundir.write_metrics(rows, out / "metrics.csv")
+                try:
+                    stage.push()
+                except UserError as e:  # the store may be back by the next epoch
+                    echo(f"warning: {e}")
                 console.epoch(item[1])
         thread.join()
     except KeyboardInterrupt:
         echo(f"\ninterrupted: stopping workers; the last finished epoch is saved. "
-             f"Resume with: cifar-ray train --resume {out}")
+             f"Resume with: cifar-ray train --resume {stage.loc.text}")
         if started_ray:
             ray.shutdown()
         thread.join(timeout=30)
@@ -386,7 +413,7 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
     wall = time.perf_counter() - t0
     if "error" in outcome and error is None:
         raise RuntimeError(f"training failed: {outcome['error']}") from outcome["error"]
-    summary = finish_run(out, cfg, info, wall)
+    summary = finish_run(stage, cfg, info, wall)
     if started_ray and ray.is_initialized():
         ray.shutdown()
     if error:
@@ -394,12 +421,14 @@ def run(cfg: C.Config, out: Path, *, resume: bool = False, overwrite: bool = Fal
     return summary
 
 
-def finish_run(out: Path, cfg: C.Config, info: dict, wall_seconds: float) -> dict:
+def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: float) -> dict:
     """Write metrics.csv, curves.png and summary.json from the newest checkpoint's history
     (the authority: it survives driver restarts and worker failures)."""
     from cifar_ray.report import plot_curves
 
-    newest = newest_state(out, echo=lambda *a: None)
+    stage.pull()  # the checkpoints as Ray left them
+    out = stage.local
+    newest = newest_state(out, lambda *a: None, stage.fetch)
     history = newest["history"] if newest else []
     if not history:
         return {"epochs": 0}
@@ -424,4 +453,5 @@ def finish_run(out: Path, cfg: C.Config, info: dict, wall_seconds: float) -> dic
     if "test_acc" in last:
         summary["test_acc"] = last["test_acc"]
     rundir.write_summary(out, summary)
+    stage.push()
     return summary

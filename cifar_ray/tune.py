@@ -19,6 +19,10 @@ trial) and a GPU trial uploads them once.
 Resume. Tune keeps the experiment under DIR/tune-XXXXXX; `--resume DIR` restores it: finished
 trials stay finished, trials that were running restart from their last checkpoint, pending
 ones start. ASHA's rung records are saved beside it, so its decisions carry over too.
+
+Storage. DIR may be a URI (s3://, gs://, ...; see storage.py): Tune and the trials write
+the experiment and checkpoints there themselves; the driver writes space.yaml and
+status.json straight to it, and the tables and report in a local stage it then uploads.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -43,6 +46,7 @@ from ray.tune.schedulers import ASHAScheduler
 from cifar_ray import config as C
 from cifar_ray import rundir
 from cifar_ray import space as S
+from cifar_ray import storage
 from cifar_ray import sweepdir as D
 from cifar_ray import train as T
 from cifar_ray.errors import UserError
@@ -64,7 +68,7 @@ class Shared:
     data: object  # ObjectRef of the split's arrays (a multi-worker trial hands it on)
     space: S.Space
     settings: S.Settings
-    sweep_dir: str
+    sweep: storage.Location
 
 
 # ---------------------------------------------------------------- inside a trial
@@ -127,7 +131,7 @@ def _run_trainer(cfg: C.Config, shared: Shared) -> None:
     trial_id = tune.get_context().get_trial_id()
     res = T.Resources(s.workers_per_trial, worker_cpus(s), s.gpus_per_trial > 0)
     # Same name and storage on --resume: Ray Train continues from the run's last checkpoint.
-    trainer = T.make_trainer(cfg, shared.data, res, str(Path(shared.sweep_dir) / D.TRAIN_DIR),
+    trainer = T.make_trainer(cfg, shared.data, res, shared.sweep.sub(D.TRAIN_DIR),
                              f"train-{trial_id}", callbacks=[_ToTune()])
     trainer.run_config.failure_config.controller_failure_limit = 1  # fail, don't hang
     trainer.fit()
@@ -137,18 +141,20 @@ def _run_trainer(cfg: C.Config, shared: Shared) -> None:
 
 class _ASHA(ASHAScheduler):
     """ASHA whose rung records survive a killed driver (Ray does not save a scheduler's
-    state): written beside Tune's experiment state on every change, read back on --resume."""
+    state): written into Tune's experiment folder `experiment` on every change, read back
+    on --resume (the scheduler itself comes back from Tune's tuner.pkl)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, experiment: storage.Location, **kwargs):
         super().__init__(**kwargs)
-        self._file = None
+        self._experiment = experiment
+        self._loaded = False
 
-    def _sync(self, controller) -> None:
-        if self._file is None:
-            self._file = Path(controller.experiment_path) / ASHA_FILE
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
             try:
-                saved = json.loads(self._file.read_text())
-            except (OSError, ValueError):
+                saved = json.loads(storage.read_bytes(self._experiment, ASHA_FILE))
+            except (UserError, ValueError):
                 saved = []
             for bracket, rungs in zip(self._brackets, saved):
                 for (_, recorded), (_, old) in zip(bracket._rungs, rungs):
@@ -156,10 +162,13 @@ class _ASHA(ASHAScheduler):
 
     def _save(self) -> None:
         rungs = [[[m, recorded] for m, recorded in b._rungs] for b in self._brackets]
-        atomic_write(self._file, json.dumps(rungs))
+        try:
+            storage.write(self._experiment, ASHA_FILE, json.dumps(rungs))
+        except UserError:  # a store that failed once must not stop the sweep: the next
+            pass  # result writes the records again
 
     def on_trial_add(self, tune_controller, trial):
-        self._sync(tune_controller)
+        self._load()
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
@@ -180,12 +189,15 @@ class _Progress(tune.Callback):
     """The driver's output: one line per trial that ends, a table every TABLE_EVERY_S, and
     DIR/status.json (done / stopped / failed) kept up to date."""
 
-    def __init__(self, sweep_dir: str, max_epochs: int):
-        self.sweep_dir, self.max_epochs = sweep_dir, max_epochs
+    def __init__(self, sweep: storage.Location, max_epochs: int):
+        self.sweep, self.max_epochs = sweep, max_epochs
 
     def setup(self, **info):
         self.t0 = self.last_table = time.monotonic()
-        self.status = D.read_status(Path(self.sweep_dir))
+        try:
+            self.status = json.loads(storage.read_bytes(self.sweep, D.STATUS_FILE))
+        except (UserError, ValueError):
+            self.status = {}
         self.best: dict = {}  # trial id -> best val acc so far
 
     def _say(self, line: str) -> None:
@@ -198,7 +210,10 @@ class _Progress(tune.Callback):
 
     def _end(self, trial, state: str, reason: str = "") -> None:
         self.status[trial.trial_id] = {"status": state, **({"reason": reason} if reason else {})}
-        D.write_status(Path(self.sweep_dir), self.status)
+        try:
+            storage.write(self.sweep, D.STATUS_FILE, D.status_text(self.status))
+        except UserError as e:  # the report still reads each trial's own results
+            self._say(f"warning: {e}")
         r = trial.last_result or {}
         epochs = r.get("epoch", 0)
         if state == "failed":
@@ -317,40 +332,59 @@ def _shared_arrays(arrays: dict) -> dict:
     return out
 
 
-def _check_dir(out: Path, overwrite: bool) -> None:
+def _check_dir(out: storage.Location, overwrite: bool) -> None:
     """_prepare_dir's refusals, without touching anything."""
-    check_writable_dir(out, "--out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "another sweep" if D.is_sweep(out) else "files"
-        raise UserError(f"--out {out}: holds {what}; pass --resume {out} to continue it, "
-                        "--overwrite to replace it, or choose another folder")
+    if not out.remote:
+        check_writable_dir(out.path, "--out", out.text)
+    if not storage.is_empty(out) and not overwrite:
+        what = "another sweep" if storage.exists(out, D.SPACE_FILE) else "files"
+        raise UserError(f"--out {out.text}: holds {what}; pass --resume {out.text} to "
+                        "continue it, --overwrite to replace it, or choose another folder")
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
+def _prepare_dir(out: storage.Location, overwrite: bool) -> None:
     _check_dir(out, overwrite)
-    if out.exists() and any(out.iterdir()):  # --overwrite
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_empty(out):  # --overwrite
+        storage.remove(out)
+    if not out.remote:
+        Path(out.path).mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------- the driver
 
-def run(space: S.Space, settings: S.Settings, out: Path, *, resume: bool = False,
+def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool = False,
         overwrite: bool = False, check_resources: bool = True, verbose: bool = False,
         echo=print) -> D.Sweep:
-    """Run (or with `resume`, continue) the sweep of `space` into `out`; write the tables
-    and the report; return the sweep as read back."""
+    """Run (or with `resume`, continue) the sweep of `space` into `out` (a path or URI);
+    write the tables and the report; return the sweep as read back."""
+    loc = storage.locate(out, "--resume" if resume else "--out")
+    storage.exists(loc)  # an unreachable store fails now, before the data and Ray
+    with storage.Stage(loc) as stage:
+        experiment = None
+        if resume:
+            if not storage.exists(loc, D.SPACE_FILE):
+                raise UserError(f"--resume {loc.text}: not a sweep directory (no {D.SPACE_FILE})")
+            stage.pull()
+            space, settings, _ = D.load_space(stage.local)
+            exp = D.experiment_dir(stage.local)
+            if exp is None or not (exp / "tuner.pkl").is_file():
+                raise UserError(f"--resume {loc.text}: the sweep never started (no "
+                                f"{D.TUNE_PREFIX}*/tuner.pkl); run it again with --overwrite")
+            experiment = loc.sub(exp.name)
+        return _run(space, settings, stage, experiment, overwrite, check_resources, verbose,
+                    echo)
+
+
+def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
+         experiment: storage.Location | None, overwrite: bool, check_resources: bool,
+         verbose: bool, echo) -> D.Sweep:
+    """The sweep into `stage.loc`: a new one, or with `experiment` (Tune's folder of the
+    sweep) the continuation of an interrupted one."""
     from cifar_ray.report import sweep_report
 
-    out = Path(out).resolve()
-    if resume:
-        space, settings, _ = D.load_space(out)
-        exp = D.experiment_dir(out)
-        if exp is None or not (exp / "tuner.pkl").is_file():
-            raise UserError(f"--resume {out}: the sweep never started (no {D.TUNE_PREFIX}*/tuner.pkl); "
-                            f"run it again with --overwrite")
-    else:
-        _check_dir(out, overwrite)  # before the data is prepared and Ray starts
+    loc, resume = stage.loc, experiment is not None
+    if not resume:
+        _check_dir(loc, overwrite)  # before the data is prepared and Ray starts
     S.check_settings(space, settings)
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
     base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
@@ -370,33 +404,36 @@ def run(space: S.Space, settings: S.Settings, out: Path, *, resume: bool = False
     try:
         p = plan(settings, check_resources)
         if not resume:
-            _prepare_dir(out, overwrite)
-            atomic_write(out / D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
+            _prepare_dir(loc, overwrite)
+            storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
         echo(f"sweep {space.name}: {len(trials)} trials, up to {base.train.epochs} epochs each "
              f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
-             f"{'resuming' if resume else 'writing'} {out}")
-        shared = Shared(ray.put(arrays), space, settings, str(out))
+             f"{'resuming' if resume else 'writing'} {loc.text}")
+        shared = Shared(ray.put(arrays), space, settings, loc)
         del arrays  # the object store holds the one copy now
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), p.resources)
-        tuner = _tuner(trainable, trials, settings, base, out, p, resume)
+        tuner = _tuner(trainable, trials, settings, base, loc, p, experiment)
         tuner.fit()
-        sw = D.read_sweep(out)
+        stage.pull()  # Tune's results, as it left them in the store
+        sw = D.read_sweep(stage.local, location=loc.text)
         D.write_tables(sw)
         sweep_report(sw)
+        stage.push()
         return sw
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
 
 
-def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config, out: Path,
-           p: Plan, resume: bool):
-    if resume:
-        return tune.Tuner.restore(str(D.experiment_dir(out)), trainable=trainable,
-                                  resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
-    scheduler = _ASHA(time_attr="epoch", max_t=base.train.epochs, grace_period=settings.grace,
-                      reduction_factor=settings.reduction)
+def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
+           sweep: storage.Location, p: Plan, experiment: storage.Location | None):
+    if experiment is not None:
+        return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False,
+                                  storage_filesystem=experiment.fs if experiment.remote else None)
+    name = D.TUNE_PREFIX + secrets.token_hex(3)
+    scheduler = _ASHA(sweep.sub(name), time_attr="epoch", max_t=base.train.epochs,
+                      grace_period=settings.grace, reduction_factor=settings.reduction)
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
@@ -404,8 +441,8 @@ def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config, 
                                     max_concurrent_trials=p.concurrent,
                                     trial_dirname_creator=_trial_dirname, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=D.TUNE_PREFIX + secrets.token_hex(3), storage_path=str(out), verbose=0,
-            callbacks=[_Progress(str(out), base.train.epochs)],
+            name=name, **sweep.ray_storage(), verbose=0,
+            callbacks=[_Progress(sweep, base.train.epochs)],
             failure_config=tune.FailureConfig(max_failures=base.scale.max_failures),
             # The best checkpoint by val accuracy; Tune keeps the latest one too.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1,

@@ -12,7 +12,8 @@ never to the working directory.
 
 On a cluster of more than one node the storage must be shared by every node (an s3:// or
 gs:// bucket, or one NFS path mounted everywhere): Ray Train's workers write checkpoints
-into it from their own nodes.
+into it from their own nodes. A URI goes to `cifar-ray` as it is (cifar_ray/storage.py);
+`cifar-ray report URI` then reads and rewrites the results in the bucket itself.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ import time
 import uuid
 from pathlib import Path
 
+from cifar_ray import storage
+
 STORAGE_ENV = "CIFAR_RAY_STORAGE"
 DEFAULT_STORAGE = "~/cifar-ray-runs"
 PLACEHOLDER = "CHANGE-ME"  # the bucket placeholder of jobs/runtime_env.yaml
 SMOKE_DATA = "synthetic:300"  # 300 generated training images: seconds per epoch on a CPU
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+is_uri = storage.is_uri
+join = storage.join
 
 
 class JobError(Exception):
@@ -42,10 +46,6 @@ class JobError(Exception):
 
 
 # ---------------------------------------------------------------- where results go
-
-def is_uri(location: str) -> bool:
-    return bool(_URI.match(location))
-
 
 def storage_root(explicit: str | None = None) -> str:
     """The run storage: an absolute local path or a URI (s3://, gs://, ...)."""
@@ -56,10 +56,6 @@ def storage_root(explicit: str | None = None) -> str:
     if is_uri(value):
         return value.rstrip("/")
     return str(Path(value).expanduser().resolve())
-
-
-def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if is_uri(root) else str(Path(root, *parts))
 
 
 def job_name(explicit: str | None, prefix: str) -> str:
@@ -79,24 +75,15 @@ def job_name(explicit: str | None, prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def _filesystem(location: str):
-    import pyarrow.fs
-
-    if is_uri(location):
-        return pyarrow.fs.FileSystem.from_uri(location)
-    return pyarrow.fs.LocalFileSystem(), location
-
-
 def check_writable(root: str) -> None:
     """Write and delete a marker under `root`: a wrong bucket or a missing permission fails
     here, in seconds, instead of after the first epoch."""
-    marker = join(root, f".write-test-{uuid.uuid4().hex[:12]}")
     try:
-        fs, path = _filesystem(marker)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as f:
+        marker = storage.locate(join(root, f".write-test-{uuid.uuid4().hex[:12]}"))
+        marker.fs.create_dir(marker.parent().path, recursive=True)
+        with marker.fs.open_output_stream(marker.path) as f:
             f.write(b"ok\n")
-        fs.delete_file(path)
+        marker.fs.delete_file(marker.path)
     except Exception as e:  # noqa: BLE001 - any failure means: this node cannot write there
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise JobError(f"run storage {root} is not writable from this node ({first}); check "
@@ -104,15 +91,12 @@ def check_writable(root: str) -> None:
 
 
 def exists(location: str) -> bool:
-    import pyarrow.fs
-
-    fs, path = _filesystem(location)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    return storage.exists(storage.locate(location))
 
 
 def fetch_hint(location: str) -> str:
     """The command that copies results from the storage to this machine."""
-    local = "./" + location.rstrip("/").rsplit("/", 1)[-1]
+    local = "./" + location.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     if location.startswith("s3://"):
         return f"aws s3 sync {location} {local}"
     if location.startswith("gs://"):
@@ -170,9 +154,9 @@ def finish(out: str, required: str, code: int) -> int:
               "not reach the run storage", file=sys.stderr, flush=True)
         return 1
     print(f"results: {out}")
-    print(f"fetch them: {fetch_hint(out)}")
-    print(f"then: cifar-ray report {'./' + out.rstrip('/').rsplit('/', 1)[-1] if is_uri(out) else out}",
-          flush=True)
+    print(f"report: cifar-ray report {out}"
+          + ("   (from any machine that can read the bucket)" if is_uri(out) else "   (on the head)"))
+    print(f"a local copy: {fetch_hint(out)}", flush=True)
     return 0
 
 

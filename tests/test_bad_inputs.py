@@ -728,8 +728,10 @@ CASES = [
          "--space nope: no such file or built-in space"),
     case("tune-missing-space", lambda fx: ["tune", "--data", fx.data, "--out", fx.out],
          "--space NAME|FILE is required"),
-    case("tune-out-a-uri", lambda fx: tune_args(fx, fx.space)[:-1] + ["s3://bucket/x"],
-         "--out s3://bucket/x", "must be a filesystem path"),
+    case("tune-out-unknown-scheme", lambda fx: tune_args(fx, fx.space)[:-1] + ["nosuch://b/x"],
+         "--out nosuch://b/x", "unknown storage scheme"),
+    case("train-out-bucket-root", lambda fx: ["train", "--data", fx.data, "--out", "s3://bucket"],
+         "--out s3://bucket", "s3://bucket/cifar-ray/NAME"),
 
     # -------- checkpoints for evaluate / predict
     case("predict-checkpoint-truncated",
@@ -823,7 +825,7 @@ CASES = [
 
     # -------- output paths
     case("train-out-is-a-file", lambda fx: train_args(fx)[:-1] + [_write(fx.tmp / "f", "x")],
-         "'--out'", "is a file"),
+         "--out", "is a file, not a folder"),
     case("train-out-under-a-file", lambda fx: train_args(fx)[:-1] + [_write(fx.tmp / "f", "x") / "run"],
          "--out", "is a file, not a folder"),
     case("train-out-holds-files",
