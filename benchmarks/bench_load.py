@@ -23,12 +23,11 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tune import _descendants, _pss  # noqa: E402
+from bench_tune import PeakMemory  # noqa: E402
 
 from cifar_ray import space as S  # noqa: E402
 from cifar_ray import tune as TU  # noqa: E402
@@ -51,32 +50,22 @@ def _store_used() -> int:
     return get_memory_info_reply(state).store_stats.object_store_bytes_used
 
 
-class Sampler:
-    """Peaks of PSS (this process + descendants), machine used memory and object store use."""
+class Sampler(PeakMemory):
+    """PeakMemory's PSS peak (`.peak`), plus the peaks of the machine's used memory and of
+    the object store."""
 
     def __init__(self):
-        self.pss = self.machine = self.store = 0
+        super().__init__()
+        self.machine = self.store = 0
         self.error = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
-        while not self._stop.is_set():
-            self.pss = max(self.pss, sum(_pss(p) for p in _descendants(os.getpid())))
-            self.machine = max(self.machine, _machine_used())
-            try:
-                self.store = max(self.store, _store_used())
-            except Exception as e:  # the store is briefly unreachable while Ray starts/stops
-                self.error = repr(e)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def _sample(self) -> int:
+        self.machine = max(self.machine, _machine_used())
+        try:
+            self.store = max(self.store, _store_used())
+        except Exception as e:  # the store is briefly unreachable while Ray starts/stops
+            self.error = repr(e)
+        return super()._sample()
 
 
 def sweep(images: int, trials: int, epochs: int, copied: bool = False) -> dict:
@@ -104,7 +93,7 @@ def sweep(images: int, trials: int, epochs: int, copied: bool = False) -> dict:
     mb = lambda b: round(b / 2**20)  # noqa: E731
     return {"images": images, "layout": "nhwc_copied" if copied else "nchw_shared",
             "dataset_mb": round(dataset / 2**20, 1), "trials_done": done,
-            "wall_s": round(wall, 1), "peak_pss_mb": mb(s.pss),
+            "wall_s": round(wall, 1), "peak_pss_mb": mb(s.peak),
             "peak_machine_used_mb": mb(s.machine), "peak_object_store_mb": round(s.store / 2**20, 1),
             **({"store_error": s.error} if s.error else {})}
 

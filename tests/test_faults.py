@@ -25,16 +25,10 @@ from click.testing import CliRunner
 from cifar_ray import rundir
 from cifar_ray import sweepdir as D
 from cifar_ray.cli import main
+from test_train import TINY_SPEC
 
 pytestmark = pytest.mark.faults
 
-TINY_SPEC = """\
-- {conv: 16, kernel: 3, padding: same, batchnorm: true}
-- {maxpool: 2}
-- {conv: 32, kernel: 3, padding: same, batchnorm: true}
-- {maxpool: 2}
-- gap
-"""
 SWEEP_BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 16, "convs": 1,
                                                 "dense_layers": 0}},
               "train": {"epochs": 3, "batch_size": 32},
