@@ -12,7 +12,8 @@ point nobody kills resumes after FAULT_WAIT_S seconds with an error, so a broken
 fails instead of hanging.
 
 Points: train-step (rank, epoch, step: a training step of a Ray Train worker, every few
-steps), atomic-write (name: fsutil.atomic_write, the data written, not yet renamed),
+steps), trial-epoch (lr, epoch: a single-worker Tune trial, its epoch's checkpoint
+reported), atomic-write (name: fsutil.atomic_write, the data written, not yet renamed),
 atomic-dir (name: fsutil.atomic_dir, the folder filled, not yet renamed).
 """
 

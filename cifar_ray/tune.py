@@ -44,6 +44,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from cifar_ray import config as C
+from cifar_ray import faults
 from cifar_ray import rundir
 from cifar_ray import space as S
 from cifar_ray import storage
@@ -76,6 +77,9 @@ class Shared:
 class _EpochReporter:
     """Engine -> Tune: each epoch's metrics with a checkpoint (state.pt + epoch.json)."""
 
+    def __init__(self, lr: float):
+        self.lr = lr  # names the trial at the test fault point
+
     def progress(self, epoch, step, steps):
         pass
 
@@ -86,6 +90,7 @@ class _EpochReporter:
             save_state(state(), Path(tmp) / rundir.STATE_FILE)
             atomic_write(Path(tmp) / D.EPOCH_FILE, json.dumps({"epoch": metrics["epoch"]}))
             tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
+        faults.point("trial-epoch", lr=self.lr, epoch=metrics["epoch"])
 
 
 class _ToTune(TuneReportCallback):
@@ -120,7 +125,7 @@ def _run_engine(cfg: C.Config, shared: Shared) -> None:
             resume = engine.load_state(Path(d) / rundir.STATE_FILE)
     try:
         engine.fit(cfg, T.to_split(ray.get(shared.data)), device=engine.pick_device(cfg.scale.gpu),
-                   resume=resume, reporter=_EpochReporter())
+                   resume=resume, reporter=_EpochReporter(cfg.optim.lr))
     except (engine.NonFiniteLoss, UserError) as e:
         # Deterministic failures: report the reason and end, rather than let Tune retry.
         tune.report({"error": str(e), "val_acc": float("nan")})

@@ -150,8 +150,10 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(spec, tmp_pat
 
 # ---------------------------------------------------------------- 2. the tune driver dies
 
-def _wait_for_midway(out: Path, driver: subprocess.Popen, timeout: float = 240.0):
-    """(finished trial ids, running trial ids with a checkpoint) once there are both."""
+def _wait_for_midway(out: Path, driver: subprocess.Popen, pid_file: Path,
+                     timeout: float = 240.0):
+    """(finished trial ids, running trial ids with a checkpoint) once a trial has finished
+    and the last one waits at its fault point with its epoch-2 checkpoint reported."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the sweep ended before it could be killed"
@@ -159,8 +161,8 @@ def _wait_for_midway(out: Path, driver: subprocess.Popen, timeout: float = 240.0
         exp = D.experiment_dir(out)
         running = {d.name for d in (exp.iterdir() if exp else ())
                    if d.name not in finished and any(d.glob("checkpoint_*/epoch.json"))}
-        if finished and running:
-            time.sleep(1.0)  # let Tune record the checkpoint in its experiment state
+        if finished and running and pid_file.exists():
+            time.sleep(3.0)  # let Tune record the checkpoint in its experiment state
             return finished, running
         time.sleep(0.2)
     pytest.fail("no trial finished in time")
@@ -181,12 +183,12 @@ def test_killed_tune_driver_leaves_no_ray_behind_and_resumes_every_trial_once(ra
     space.write_text(yaml.safe_dump({"base": SWEEP_BASE,
                                      "grid": {"optim.lr": [0.1, 0.05, 0.08, 0.12]}}))
     out, log = tmp_path / "sweep", tmp_path / "tune.log"
-    env = _env(tmp_path)
+    env = _env(tmp_path, "trial-epoch:lr=0.12:epoch=2")  # the last trial waits there
     driver = _run_cli(["tune", "--space", space, "--data", "synthetic:800", "--concurrent", 2,
                        "--grace", 3, "--out", out], env, log)
     ray_procs = {}
     try:
-        finished, running = _wait_for_midway(out, driver)
+        finished, running = _wait_for_midway(out, driver, tmp_path / "trial-epoch.pid")
         ray_procs = _tree(driver.pid)
         before = {t: (D.experiment_dir(out) / t / "result.json").read_bytes() for t in finished}
         driver.kill()
@@ -210,7 +212,8 @@ def test_killed_tune_driver_leaves_no_ray_behind_and_resumes_every_trial_once(ra
     assert result.exit_code == 0, result.output
     trials = D.read_sweep(out).trials
     assert sorted(t.trial_id for t in trials) == sorted({t.trial_id for t in trials})
-    assert len(trials) == 4 and all(t.status == "done" and t.epochs == 3 for t in trials)
+    assert len(trials) == 4 and all(t.status == "done" and t.epochs == 3 for t in trials), \
+        [(t.trial_id, t.status, t.epochs) for t in trials] + [result.output]
     table = (out / "trials.csv").read_text().splitlines()
     assert len(table) == 1 + 4
     rows = pq.read_table(out / "results.parquet").to_pylist()
