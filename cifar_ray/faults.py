@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 FAULT_WAIT_S = 300.0
+ENV = ("CIFAR_RAY_FAULT", "CIFAR_RAY_FAULT_DIR")
 _hits: dict[str, int] = {}
 
 
@@ -50,3 +51,9 @@ def point(point_name: str, /, **where) -> None:
     os.close(fd)
     time.sleep(FAULT_WAIT_S)
     raise RuntimeError(f"fault point {point_name} was not killed within {FAULT_WAIT_S:.0f} s")
+
+
+def env() -> dict:
+    """The fault variables this process has (none outside tests): a driver joining a running
+    Ray cluster hands them to its workers (their environment is the cluster's, not ours)."""
+    return {k: os.environ[k] for k in ENV if k in os.environ}

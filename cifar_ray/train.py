@@ -175,7 +175,9 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=verbose)
+        fault_env = faults.env()  # tests only
+        ray.init(address=address, log_to_driver=verbose,
+                 **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")

@@ -164,16 +164,24 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, tmp_path):
     --resume keeps the finished one and continues the other from its checkpoint."""
     space = write_space(tmp_path / "space.yaml", grid={"optim.lr": [0.1, 0.05, 0.08]})
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           # the last trial waits after its epoch-2 checkpoint until the driver is killed
+           "CIFAR_RAY_FAULT": "trial-epoch:lr=0.08:epoch=2", "CIFAR_RAY_FAULT_DIR": str(tmp_path)}
     driver = subprocess.Popen(
         [sys.executable, "-m", "cifar_ray", "tune", "--space", space, "--data", DATA,
          "--concurrent", "2", "--grace", "3", "--out", str(out)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        finished, resumable = _wait_for_finished_and_checkpointed(out, driver)
+        finished, resumable = _wait_for_finished_and_checkpointed(out, driver,
+                                                                  tmp_path / "trial-epoch.pid")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
+    waiting = int((tmp_path / "trial-epoch.pid").read_text())
+    deadline = time.monotonic() + 30  # Ray ends a dead driver's workers, the waiting one too
+    while time.monotonic() < deadline and Path(f"/proc/{waiting}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{waiting}").exists(), "the killed sweep's trial is still running"
     lines_at_kill = {t: _epochs_reported(out, t) for t in finished}
     assert not (out / "trials.csv").exists()  # the driver never got to the end
 
@@ -196,7 +204,7 @@ def _epochs_reported(out: Path, trial_id: str) -> list[int]:
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def _wait_for_finished_and_checkpointed(out: Path, driver, timeout: float = 240.0):
+def _wait_for_finished_and_checkpointed(out: Path, driver, pid_file: Path, timeout: float = 240.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the sweep ended before it could be interrupted"
@@ -204,8 +212,8 @@ def _wait_for_finished_and_checkpointed(out: Path, driver, timeout: float = 240.
         exp = D.experiment_dir(out)
         running = [d.name for d in (exp.glob("*_0000*") if exp else [])
                    if d.name not in finished and any(d.glob("checkpoint_*/epoch.json"))]
-        if finished and running:
-            time.sleep(1.0)  # let Tune record the checkpoint in its experiment state
+        if finished and running and pid_file.exists():
+            time.sleep(3.0)  # let Tune record the checkpoint in its experiment state
             return finished, running
         time.sleep(0.2)
     pytest.fail("no trial finished in time")
