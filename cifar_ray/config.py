@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cifar_ray.errors import UserError, shown
+from cifar_ray.errors import UserError, finite_number, shown
 from cifar_ray.fsutil import atomic_write
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -197,14 +197,7 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer beyond any float
-            raise bad("a finite number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise bad("a finite number")
+        value = finite_number(value, bad)
     elif tp is str:
         if not isinstance(value, str):
             raise bad("a string")

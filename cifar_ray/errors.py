@@ -5,6 +5,8 @@ and says what to do; the CLI prints it as one line and exits with status 2. Anyt
 that escapes is a bug and keeps its traceback.
 """
 
+import math
+
 
 class UserError(Exception):
     """Bad input from the user: a file, a flag, a config key, a spec, a space."""
@@ -15,6 +17,20 @@ def shown(value, limit: int = 100) -> str:
     a structure of billions of shared items, whose full repr would never finish."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def finite_number(value, bad) -> float:
+    """`value` as a finite float, else `bad(expected)` raised: for a bool, a non-number, an
+    integer beyond any float, inf or nan."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad("a number")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise bad("a finite number") from None
+    if not math.isfinite(value):
+        raise bad("a finite number")
+    return value
 
 
 def _short_repr():

@@ -101,6 +101,16 @@ def _wait_for_pid(path: Path, proc: subprocess.Popen, timeout: float = 240.0) ->
     pytest.fail(f"nothing reached {path.stem} in {timeout:.0f} s")
 
 
+def _kill_at(point: str, proc: subprocess.Popen, tmp: Path, env: dict) -> None:
+    """Wait until `proc` waits at fault `point`, then SIGKILL it and drop its Ray temp dir."""
+    try:
+        assert _wait_for_pid(tmp / f"{point}.pid", proc) == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
 def _run_cli(args: list, env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "cifar_ray", *map(str, args)], env=env,
@@ -235,12 +245,7 @@ def test_prepare_killed_mid_write_leaves_the_cache_without_the_dataset(tmp_path,
 
     env = _env(tmp_path, "atomic-dir")
     proc = _run_cli(["data", "prepare", "synthetic:3000"], env, tmp_path / "prepare.log")
-    try:
-        assert _wait_for_pid(tmp_path / "atomic-dir.pid", proc) == proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    _kill_at("atomic-dir", proc, tmp_path, env)
     cache = _isolated_home / "prepared"
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []
     (leftover,) = cache.glob(".*.tmp")
@@ -276,12 +281,7 @@ def test_write_killed_before_the_rename_keeps_the_previous_file(what, tmp_path):
                 "{'epoch': 2, 'train_loss': 1.0, 'val_acc': 0.5}], sys.argv[1])")
     env = _env(tmp_path, f"atomic-write:name={path.name}")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env)
-    try:
-        assert _wait_for_pid(tmp_path / "atomic-write.pid", proc) == proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    _kill_at("atomic-write", proc, tmp_path, env)
     assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == [path.name]
     (temp,) = folder.glob(f".{path.name}.*.tmp")
     if what == "checkpoint":

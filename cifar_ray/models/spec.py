@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from cifar_ray.errors import UserError, shown
+from cifar_ray.errors import UserError, finite_number, shown
 
 IN_SHAPE = (3, 32, 32)  # CIFAR images: channels, height, width
 
@@ -148,19 +148,11 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
             raise bad("a number in [0, 1)")
         value = float(value)
     elif kind in ("fraction", "positive", "number"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer beyond any float
-            raise bad("a finite number") from None
-        if not math.isfinite(value):
-            raise bad("a finite number")
+        value = finite_number(value, bad)
         if kind == "fraction" and not 0 < value <= 1:
             raise bad("a number in (0, 1]")
         if kind == "positive" and value <= 0:
             raise bad("a positive number")
-        value = float(value)
     elif kind == "layers":
         if not isinstance(value, list) or not value:
             raise bad("a non-empty list of layers")
