@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write
+from cifar_ray.fsutil import atomic_write, check_writable_dir
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")  # URIs whose first part is a bucket
@@ -176,6 +176,24 @@ def write(loc: Location, rel: str, data: bytes | str) -> None:
             f.write(data)
     except OSError as e:
         raise loc.error(e, f"write {rel}") from None
+
+
+def check_new(loc: Location, overwrite: bool, holds, resume_hint: str) -> None:
+    """Refuse, touching nothing, an --out folder that cannot be written or (without
+    `overwrite`) already holds something: `holds()` says what, `resume_hint` how to go on."""
+    if not loc.remote:
+        check_writable_dir(loc.path, "--out", loc.text)
+    if not overwrite and not is_empty(loc):
+        raise UserError(f"--out {loc.text}: holds {holds()}; pass {resume_hint} to continue it, "
+                        "--overwrite to replace it, or choose another folder")
+
+
+def make_new(loc: Location) -> None:
+    """The folder, empty: what it held is removed (check_new has allowed that)."""
+    if not is_empty(loc):
+        remove(loc)
+    if not loc.remote:
+        Path(loc.path).mkdir(parents=True, exist_ok=True)
 
 
 def download(loc: Location, rel: str, dest: Path) -> None:

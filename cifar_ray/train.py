@@ -27,7 +27,6 @@ import numpy as np
 from cifar_ray import config as C
 from cifar_ray import faults, rundir, storage
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import check_writable_dir
 
 RUN_NAME = rundir.CHECKPOINTS  # Ray's experiment folder inside the run directory
 
@@ -270,28 +269,13 @@ def check_batch(cfg: C.Config, n_train: int, workers: int, where: str = "train.b
 
 
 def check_run_dir(out: storage.Location, resume: bool, overwrite: bool) -> None:
-    """prepare_run_dir's refusals, without touching anything."""
+    """Refuse a run directory that cannot take the run, touching nothing."""
     if resume:
         if not storage.exists(out, "config.yaml"):
             raise UserError(f"--resume {out.text}: not a run directory (no config.yaml)")
         return
-    if not out.remote:
-        check_writable_dir(out.path, "--out", out.text)
-    if not storage.is_empty(out) and not overwrite:
-        is_run = storage.exists(out, "config.yaml") or storage.exists(out, rundir.CHECKPOINTS)
-        raise UserError(f"--out {out.text}: holds {'another run' if is_run else 'files'}; "
-                        "pass --resume to continue it, --overwrite to replace it, or "
-                        "choose another folder")
-
-
-def prepare_run_dir(out: storage.Location, resume: bool, overwrite: bool) -> None:
-    check_run_dir(out, resume, overwrite)
-    if resume:
-        return
-    if not storage.is_empty(out):  # --overwrite
-        storage.remove(out)
-    if not out.remote:
-        Path(out.path).mkdir(parents=True, exist_ok=True)
+    storage.check_new(out, overwrite, lambda: "another run" if storage.exists(out, "config.yaml")
+                      or storage.exists(out, rundir.CHECKPOINTS) else "files", "--resume")
 
 
 def absolute_paths(cfg: C.Config) -> C.Config:
@@ -356,7 +340,8 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
     started_ray = not ray.is_initialized()
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
-    prepare_run_dir(stage.loc, resume, overwrite)  # after the checks: a refusal writes nothing
+    if not resume:  # after every check (run): a refusal writes nothing
+        storage.make_new(stage.loc)
     if resume:
         stage.pull()
     C.save_config(cfg, out / "config.yaml")

@@ -51,7 +51,7 @@ from cifar_ray import storage
 from cifar_ray import sweepdir as D
 from cifar_ray import train as T
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write, check_writable_dir
+from cifar_ray.fsutil import atomic_write
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (the nested Tune + Train
@@ -337,24 +337,6 @@ def _shared_arrays(arrays: dict) -> dict:
     return out
 
 
-def _check_dir(out: storage.Location, overwrite: bool) -> None:
-    """_prepare_dir's refusals, without touching anything."""
-    if not out.remote:
-        check_writable_dir(out.path, "--out", out.text)
-    if not storage.is_empty(out) and not overwrite:
-        what = "another sweep" if storage.exists(out, D.SPACE_FILE) else "files"
-        raise UserError(f"--out {out.text}: holds {what}; pass --resume {out.text} to "
-                        "continue it, --overwrite to replace it, or choose another folder")
-
-
-def _prepare_dir(out: storage.Location, overwrite: bool) -> None:
-    _check_dir(out, overwrite)
-    if not storage.is_empty(out):  # --overwrite
-        storage.remove(out)
-    if not out.remote:
-        Path(out.path).mkdir(parents=True, exist_ok=True)
-
-
 # ---------------------------------------------------------------- the driver
 
 def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool = False,
@@ -389,7 +371,9 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
 
     loc, resume = stage.loc, experiment is not None
     if not resume:
-        _check_dir(loc, overwrite)  # before the data is prepared and Ray starts
+        # before the data is prepared and Ray starts
+        storage.check_new(loc, overwrite, lambda: "another sweep" if storage.exists(
+            loc, D.SPACE_FILE) else "files", f"--resume {loc.text}")
     S.check_settings(space, settings)
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
     base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
@@ -409,7 +393,7 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     try:
         p = plan(settings, check_resources)
         if not resume:
-            _prepare_dir(loc, overwrite)
+            storage.make_new(loc)
             storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
         echo(f"sweep {space.name}: {len(trials)} trials, up to {base.train.epochs} epochs each "
              f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
