@@ -162,8 +162,9 @@ class Resources:
     gpu: bool
 
 
-def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
-    """Connect to RAY_ADDRESS if set, else start a private local instance.
+def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool = False) -> None:
+    """Connect to RAY_ADDRESS if set, else start a private local instance, with Ray's
+    dashboard only when `dashboard` (it also serves the State API, see tune.py).
 
     Workers' and Ray's own log lines reach the terminal only with `verbose`: the driver
     prints progress itself, and a worker's error comes back with `fit()`'s exception."""
@@ -178,7 +179,7 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
         ray.init(address=address, log_to_driver=verbose,
                  **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                  log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
 
 

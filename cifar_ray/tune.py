@@ -320,6 +320,20 @@ def plan(settings: S.Settings, check: bool = True) -> Plan:
     return Plan(dict(TRIAL_DRIVER), max(1, min(s.concurrent or fit, fit)))
 
 
+def check_state_api() -> None:
+    """Refuse multi-worker trials on a Ray cluster without the State API (see _run)."""
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_actors(limit=1, timeout=30, raise_on_missing_output=False)
+    except RayStateApiException:
+        raise UserError("--workers-per-trial: the Ray cluster has no dashboard (State API), "
+                        "which Ray Train needs to free each finished trial's workers; start "
+                        "Ray with its dashboard (ray start --head --include-dashboard=true)"
+                        ) from None
+
+
 def _quiet(verbose: bool) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
@@ -389,9 +403,15 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     del split
     started_ray = not ray.is_initialized()
     _quiet(verbose)
-    T.init_ray(verbose=verbose)
+    # A multi-worker trial's TorchTrainer reserves its workers' CPUs in a placement group that
+    # Ray Train frees once its cleaner sees, through the State API (served by the dashboard),
+    # that the trial's controller is gone: without it each finished or stopped trial kept its
+    # CPUs and the sweep stalled once they ran out.
+    T.init_ray(verbose=verbose, dashboard=settings.workers_per_trial > 1)
     try:
         p = plan(settings, check_resources)
+        if settings.workers_per_trial > 1 and check_resources:
+            check_state_api()
         if not resume:
             storage.make_new(loc)
             storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
@@ -428,7 +448,11 @@ def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                     max_concurrent_trials=p.concurrent,
-                                    trial_dirname_creator=_trial_dirname, reuse_actors=True),
+                                    trial_dirname_creator=_trial_dirname,
+                                    # Reusing a multi-worker trial's actor fails: Tune waits 2 s
+                                    # for the trial's thread, still in TorchTrainer.fit's teardown,
+                                    # and errors the next trial ("reset_config() ...").
+                                    reuse_actors=settings.workers_per_trial == 1),
         run_config=tune.RunConfig(
             name=name, **sweep.ray_storage(), verbose=0,
             callbacks=[_Progress(sweep, base.train.epochs)],

@@ -18,7 +18,8 @@ def ray_local(tmp_path_factory):
     """One small local Ray instance for the whole session (logical CPUs may exceed cores)."""
     ray = pytest.importorskip("ray")
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # The dashboard serves the State API, which multi-worker sweeps need (tune.check_state_api).
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
              object_store_memory=300 * 1024**2, logging_level="WARNING",
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray

@@ -220,16 +220,53 @@ def _wait_for_finished_and_checkpointed(out: Path, driver, pid_file: Path, timeo
 
 
 def test_multi_worker_trials_run_as_torch_trainers(ray_local, tmp_path):
+    """Three 2-worker trials, two at a time: the third runs on the CPUs a finished trial
+    freed (its actor is not reused, its placement group is removed), and none is left."""
+    import _thread
+    import threading
+
+    space = write_space(tmp_path / "space.yaml", grid={"optim.lr": [0.1, 0.05, 0.02]})
+    out = tmp_path / "out"
+    # A regression would leave the third trial waiting for CPUs forever: interrupt the sweep.
+    watchdog = threading.Timer(300, _thread.interrupt_main)
+    watchdog.start()
+    try:
+        result = tune("--space", space, "--data", DATA, "--max-epochs", 1,
+                      "--workers-per-trial", 2, "--cpus-per-trial", 2, "--out", out)
+    finally:
+        watchdog.cancel()
+    assert result.exit_code == 0, result.output
+    trials = read_trials(out)
+    assert [t["status"] for t in trials] == ["done"] * 3, result.output
+    for trial in trials:
+        assert trial["epochs"] == "1" and trial["best_val_acc"]
+        # Ray Train's checkpoints of the trial's own TorchTrainer run.
+        assert trial["checkpoint"].startswith(f"{D.TRAIN_DIR}/train-{trial['trial_id']}/")
+        assert (out / trial["checkpoint"]).is_file()
+    for _ in range(60):  # Ray Train's cleaner removes the last trials' groups within seconds
+        live = [g for g in ray_local.util.placement_group_table().values()
+                if g["state"] != "REMOVED"]
+        if not live:
+            break
+        time.sleep(0.5)
+    assert not live
+
+
+def test_multi_worker_trials_need_the_state_api(ray_local, tmp_path, monkeypatch):
+    import ray.util.state
+    from ray.util.state.exception import ServerUnavailable
+
+    def unavailable(*args, **kwargs):
+        raise ServerUnavailable("Failed to connect to API server.")
+
+    monkeypatch.setattr(ray.util.state, "list_actors", unavailable)
     space = write_space(tmp_path / "space.yaml", grid={"optim.lr": [0.1]})
     out = tmp_path / "out"
     result = tune("--space", space, "--data", DATA, "--max-epochs", 1, "--workers-per-trial", 2,
                   "--cpus-per-trial", 2, "--out", out)
-    assert result.exit_code == 0, result.output
-    (trial,) = read_trials(out)
-    assert trial["status"] == "done" and trial["epochs"] == "1" and trial["best_val_acc"]
-    # Ray Train's checkpoints of the trial's own TorchTrainer run.
-    assert trial["checkpoint"].startswith(f"{D.TRAIN_DIR}/train-{trial['trial_id']}/")
-    assert (out / trial["checkpoint"]).is_file()
+    assert result.exit_code == 2, result.output
+    assert "no dashboard (State API)" in result.output and "--include-dashboard" in result.output
+    assert not out.exists()
 
 
 def test_plan_packs_gpu_shares_and_gives_ddp_trials_whole_gpus(monkeypatch):
