@@ -264,7 +264,8 @@ def run_bench(data_source: str | None, *, quick: bool = False, device: str | Non
         else:
             sets = [f"data.source={source}", "model.name=seed-small", "train.batch_size=256"]
             cfg = C.load_config(None, sets)
-            r = ray_vs_engine(cfg, data, **({"settle_s": 0.5, "measure_s": 1.0} if quick else {}))
+            r = ray_vs_engine(cfg, to_split(load_split(cfg)),  # the split Ray's run loads
+                              **({"settle_s": 0.5, "measure_s": 1.0} if quick else {}))
             result["ray"] = r
             echo(f"train       Ray Train (1 worker) {r['ray_train_images_per_s']:,.0f} img/s  vs  "
                  f"engine alone {r['engine_images_per_s']:,.0f} img/s  ratio {r['ratio']:.3f}x  "
