@@ -139,15 +139,38 @@ def write_status(sweep: Path, status: dict) -> None:
 
 def _read_rows(path: Path) -> list[dict]:
     """Tune's result.json: one JSON object per line; a torn last line (a killed driver) is
-    skipped."""
+    skipped, and so is any line that is not a result row (hand-edited or damaged)."""
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and ("epoch" not in row or _epoch(row["epoch"])):
+                rows.append(row)
     return rows
+
+
+def _epoch(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _read_params(path: Path) -> dict:
+    """The trial's point of the space, from Tune's params.json."""
+    fix = "restore it, or move its trial folder out of the sweep"
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e}); {fix}") from None
+    trial = params.get("trial", {}) if isinstance(params, dict) else None
+    if not isinstance(trial, dict):
+        raise UserError(f"{path}: not the params.json Tune wrote (no 'trial' mapping); {fix}")
+    return trial
 
 
 def _checkpoints(sweep: Path, trial_dir: Path, rows: list[dict]) -> dict[int, Path]:
@@ -157,13 +180,13 @@ def _checkpoints(sweep: Path, trial_dir: Path, rows: list[dict]) -> dict[int, Pa
     for d in trial_dir.glob("checkpoint_*"):
         try:
             epoch = json.loads((d / EPOCH_FILE).read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if (d / "state.pt").is_file():
+        if _epoch(epoch) and (d / "state.pt").is_file():
             found[epoch] = d / "state.pt"
     for row in rows:
         path = row.get("checkpoint_path")
-        if path and "epoch" in row:
+        if isinstance(path, str) and path and "epoch" in row:
             # Where Ray Train wrote it; else the same folder below this sweep (a copy, or
             # a local stage of a bucket, where the reported path is the bucket's).
             for ckpt in (Path(path), sweep / TRAIN_DIR / path.rsplit(f"/{TRAIN_DIR}/", 1)[-1]):
@@ -207,12 +230,12 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
     status = read_status(sweep)
     trials = []
     for trial_id, dirs in sorted(_trial_dirs(experiment_dir(sweep) or sweep / "none").items()):
-        params = json.loads((dirs[-1] / "params.json").read_text()).get("trial", {})
+        params = _read_params(dirs[-1] / "params.json")
         rows = [r for d in dirs for r in _read_rows(d / "result.json")]  # later runs win
         by_epoch = {r["epoch"]: r for r in rows if "epoch" in r and "error" not in r}
-        history = [{k: by_epoch[e][k] for k in METRICS if k in by_epoch[e]}
+        history = [{k: by_epoch[e][k] for k in METRICS if _number(by_epoch[e].get(k))}
                    for e in sorted(by_epoch)]
-        errors = [r["error"] for r in rows if "error" in r]
+        errors = [str(r["error"]) for r in rows if "error" in r]
         known = status.get(trial_id, {})
         crashed = _error_reason(dirs[-1])
         if errors:

@@ -4,6 +4,7 @@ a NaN trial fails alone, the sweep directory is consistent, an interrupted sweep
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,30 @@ def test_report_ranks_compares_with_noise_and_plots(sweep):
     assert "stopped by ASHA at epoch" in text and "failed: loss became nan" in text
     for png in ("val-curves.png", "top-curves.png", "factor-variant.png"):
         assert f"]({png})" in text and (out / png).stat().st_size > 5000
+
+
+def test_report_of_a_hand_damaged_sweep(sweep, tmp_path):
+    """Result lines that are not result rows are skipped; a params.json that is not Tune's
+    stops the report with one line naming it, before anything is written."""
+    out, _ = sweep
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    trial_dirs = sorted(p.parent for p in copy.glob(f"{D.TUNE_PREFIX}*/*/params.json"))
+    results = trial_dirs[0] / "result.json"
+    results.write_text(results.read_text() + '[1, 2]\n7\n{"epoch": "x", "val_acc": 9}\n'
+                       '{"epoch": true}\n{"epoch": 2, "val_acc": "high", "checkpoint_path": 3}\n')
+    result = CliRunner().invoke(main, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report.md").is_file()
+
+    (copy / "report.md").unlink()
+    for text in ("[1]", '{"trial": "x"}', "{torn"):
+        (trial_dirs[1] / "params.json").write_text(text)
+        result = CliRunner().invoke(main, ["report", str(copy)])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "params.json: " in lines[0]
+        assert "move its trial folder out of the sweep" in lines[0]
+        assert not (copy / "report.md").exists()
 
 
 def test_report_of_a_run_dir(tmp_path):
