@@ -42,7 +42,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -129,7 +129,7 @@ def snapshot(*roots: Path) -> dict:
     return out
 
 
-def invoke(args) -> "click.testing.Result":  # noqa: F821
+def invoke(args) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
