@@ -415,6 +415,13 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
         error = "interrupted"
     wall = time.perf_counter() - t0
     if "error" in outcome and error is None:
+        bad_input = worker_user_error(outcome["error"])
+        if bad_input is not None:  # e.g. a spec file a worker's node does not have
+            if started_ray:
+                ray.shutdown()
+            if not resume and not history:
+                storage.remove(stage.loc)  # nothing trained: leave no run folder behind
+            raise UserError(f"a training worker refused the run: {bad_input}") from None
         raise RuntimeError(f"training failed: {outcome['error']}") from outcome["error"]
     summary = finish_run(stage, cfg, info, wall)
     if started_ray and ray.is_initialized():
@@ -422,6 +429,16 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
     if error:
         summary["error"] = error
     return summary
+
+
+def worker_user_error(error: BaseException) -> UserError | None:
+    """The UserError (bad input, one line) a worker raised, where Ray Train's failure carries
+    one: it wraps each worker's exception with its traceback text."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        failure = getattr(failure, "_base_exc", failure)
+        if isinstance(failure, UserError):
+            return failure
+    return None
 
 
 def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: float) -> dict:

@@ -119,6 +119,30 @@ def test_more_workers_than_cpus_fails_fast(ray_local, spec, tmp_path):
     assert gpu.exit_code == 2 and "GPUs, the Ray cluster has 0" in gpu.output
 
 
+def test_a_worker_refusing_the_run_is_one_error_line(ray_local, tmp_path, monkeypatch):
+    """Bad input only a worker sees (here the spec file, gone from the worker's view once the
+    driver has checked it, as on a node without the file) ends as one error line, exit 2,
+    and no run folder; not a Ray traceback."""
+    from cifar_ray import train as T
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    plan = T.plan_resources
+
+    def plan_then_lose_the_spec(*args, **kwargs):  # after every check of the driver's
+        spec.unlink()
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(T, "plan_resources", plan_then_lose_the_spec)
+    out = tmp_path / "run"
+    result = train(*common(str(spec), "synthetic:200"), "--epochs", 1,
+                   "--set", "scale.max_failures=0", "--out", out)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [f"error: a training worker refused the run: {spec}: no such spec file"]
+    assert not out.exists()
+
+
 def test_nan_loss_is_reported(ray_local, spec, tmp_path):
     result = train(*common(spec, "synthetic:200"), "--lr", "1e12", "--set",
                    "optim.warmup_epochs=0", "--set", "train.precision=fp32",
