@@ -189,9 +189,9 @@ def test_newest_state_skips_a_checkpoint_cut_short(ddp_run, tmp_path):
 
 
 @pytest.mark.faults
-def test_ctrl_c_stops_after_saving_and_resume_continues(spec, tmp_path):
-    """A real `cifar-ray train` process gets SIGINT after epoch 1; it exits 130 with the
-    finished epochs saved, and --resume completes the run with one row per epoch."""
+def test_ctrl_c_stops_after_saving_and_resume_continues(ray_local, spec, tmp_path):
+    """A real `cifar-ray train` process (its own Ray) gets SIGINT after epoch 1; it exits 130
+    with the finished epochs saved, and --resume completes the run with one row per epoch."""
     import os
     import signal
     import subprocess
@@ -217,9 +217,7 @@ def test_ctrl_c_stops_after_saving_and_resume_continues(spec, tmp_path):
     assert "Resume with: cifar-ray train --resume" in output
     saved = rundir.checkpoint_dirs(out)
     assert saved and min(saved) >= 1
-    resumed = subprocess.run([sys.executable, "-m", "cifar_ray", "train", "--resume", str(out),
-                              "--epochs", str(max(saved) + 1)], capture_output=True, text=True,
-                             env=env, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed = train("--resume", out, "--epochs", max(saved) + 1)  # on the tests' Ray
+    assert resumed.exit_code == 0, resumed.output
     rows = rundir.read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == list(range(1, max(saved) + 2))
