@@ -75,8 +75,16 @@ class Trial:
         return self.config.train.seed
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return _number(x) and math.isfinite(x)
+
+
+def _epoch(x) -> bool:
+    return _number(x) and isinstance(x, int) and x >= 1
 
 
 @dataclass
@@ -150,14 +158,6 @@ def _read_rows(path: Path) -> list[dict]:
             if isinstance(row, dict) and ("epoch" not in row or _epoch(row["epoch"])):
                 rows.append(row)
     return rows
-
-
-def _epoch(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _read_params(path: Path) -> dict:
