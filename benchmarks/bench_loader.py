@@ -3,9 +3,9 @@
     python benchmarks/bench_loader.py [--device cuda] [--n 50000] [--batch 512] [--epochs 3]
 
 Feeds 50,000 random uint8 images through the loader at batch 512 with three augmentation
-settings and prints images/s and ms per batch of the best epoch (and the median). For scale it then times one
-training step of a stand-in VGG-style net at the same batch, so the loader's share of a
-step can be read off side by side (the issue asks for <= 5% on CPU).
+settings and prints images/s and ms per batch of the best epoch (and the median). For scale
+it then times one training step of a stand-in VGG-style net at the same batch, so the
+loader's share of a step can be read off side by side (the goal: at most 5% on CPU).
 """
 
 from __future__ import annotations

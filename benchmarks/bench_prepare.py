@@ -2,7 +2,8 @@
 
     python benchmarks/bench_prepare.py [SOURCE] [--repeat N]
 
-SOURCE defaults to ../shared/data/cifar10-train-jpeg.tar.gz (50,000 JPEGs). Each phase runs
+SOURCE defaults to $JPEG_TGZ: the 50,000 CIFAR-10 training images as 32x32 JPEGs in one
+tar.gz (`train/<class>/NNNN.jpg`; BENCHMARKS.md, "Data preparation"). Each phase runs
 in a fresh subprocess, so its peak RSS and its imports are its own; all phases run side by
 side in one invocation, so a busy machine slows them alike. Phases:
   import       `import torchvision.io` (prepare pays it once per process, for large sets)
@@ -26,9 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-DEFAULT = Path(__file__).resolve().parents[1] / "../shared/data/cifar10-train-jpeg.tar.gz"
+DEFAULT = os.environ.get("JPEG_TGZ")
 
 
 def phase(name: str, source: str, home: str) -> dict:
@@ -109,7 +109,7 @@ def run(name: str, source: str, home: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", nargs="?", default=str(DEFAULT.resolve()))
+    ap.add_argument("source", nargs="?" if DEFAULT else None, default=DEFAULT)
     ap.add_argument("--repeat", type=int, default=3, help="runs per phase; the median is shown")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--home", help=argparse.SUPPRESS)

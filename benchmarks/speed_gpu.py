@@ -1,5 +1,5 @@
-"""Issue 7 on one GPU, in one session: the `speed` recipe (the engine alone, no Ray) and,
-side by side on the same GPU and the same train/val split, airbench94 from PyPI.
+"""Time to accuracy on one GPU: the `speed` recipe (the engine alone, no Ray) and, side by
+side on the same GPU and the same train/val split, airbench94 from PyPI.
 
     python benchmarks/speed_gpu.py --data DATA [--runs 3] [--out DIR] [--budget-s 200]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 7's GPU session in one call of the device tool: `speed` with the engine alone (no
-# Ray on that machine) and airbench94 from PyPI side by side, then `cifar-ray bench`.
+# The GPU measurements of BENCHMARKS.md ("Speed") in one command on a GPU machine: `speed`
+# with the engine alone (no Ray there) and airbench94 from PyPI side by side, then `cifar-ray bench`.
 # From the repo root, with .devdata/ (the JPEG tarball) and .whl/ (airbench's wheel) carried:
 #   OUT=/some/dir bash benchmarks/speed_gpu.sh [speed_gpu.py options]   (SKIP_BENCH=1: no bench)
 set -uo pipefail

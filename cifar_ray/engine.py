@@ -284,7 +284,7 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def train_epoch(loop: Loop, loader: DeviceLoader, epoch: int, total_steps: int,
-                reporter: Reporter, rank: int = 0) -> dict:
+                reporter: Reporter) -> dict:
     cfg, model, opt = loop.cfg, loop.model, loop.optimizer
     model.train()
     loader.set_epoch(epoch)
@@ -525,7 +525,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
 
     for epoch in range(start_epoch, cfg.train.epochs):
         metrics = {"epoch": epoch + 1, **train_epoch(loop, train_loader, epoch, total_steps,
-                                                    reporter, rank)}
+                                                    reporter)}
         t0 = time.perf_counter()
         eval_model = _ema_model(loop, model) if ema is not None else wrapped
         if val_loader is not None:

@@ -136,7 +136,7 @@ def noise(sw) -> Noise:
         if g is None:
             from cifar_ray.space import describe
 
-            g = groups[key] = Group(describe(params) or "base", params, [],
+            g = groups[key] = Group(describe(params), params, [],
                                     reference=refs.get(params.get("variant")),
                                     changes=dict(t.changes))
         g.trials.append(t)
@@ -165,7 +165,7 @@ def trial_label(t) -> str:
     seed = f" s{t.seed}" if "train.seed" in params else ""
     from cifar_ray.space import describe
 
-    return (describe(params) or "base") + seed
+    return describe(params) + seed
 
 
 def _epoch_ticks(ax, epochs: list[int]) -> None:

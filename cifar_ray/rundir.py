@@ -31,10 +31,6 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
                   "images_per_s", "seconds", "eval_seconds", "test_acc"]
 
 
-def is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / CHECKPOINTS).is_dir()
-
-
 def checkpoint_dirs(run: Path) -> dict[int, Path]:
     """Epoch -> checkpoint folder, for every complete checkpoint in the run."""
     return epoch_dirs(Path(run) / CHECKPOINTS)

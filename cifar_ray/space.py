@@ -377,9 +377,10 @@ def _draw(rng, kind: str, spec: list):
 
 
 def describe(params: dict) -> str:
-    """`variant wide, model.args.depth=4` (the seed left out)."""
+    """`variant wide, model.args.depth=4` (the seed left out); `base` when nothing changes."""
     return ", ".join([f"variant {v}" for k, v in params.items() if k == "variant"]
-                     + [f"{k}={v}" for k, v in params.items() if k not in ("variant", "train.seed")])
+                     + [f"{k}={v}" for k, v in params.items()
+                        if k not in ("variant", "train.seed")]) or "base"
 
 
 def check(space: Space, settings: Settings) -> list[dict]:
@@ -401,7 +402,7 @@ def check(space: Space, settings: Settings) -> list[dict]:
     models: set[str] = set()
     trials = points(space, settings)
     for params in trials:
-        where = f"{space.source}: {describe(params) or 'base'}"
+        where = f"{space.source}: {describe(params)}"
         cfg = trial_config(space, settings, params, where)
         key = repr((cfg.model.name, sorted(cfg.model.args.items())))
         if key not in models:

@@ -30,10 +30,11 @@ import pyarrow.fs as pafs
 
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write, check_writable_dir
+from cifar_ray.rundir import STATE_FILE
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")  # URIs whose first part is a bucket
-LAZY = "state.pt"  # checkpoint payloads: pulled as empty stand-ins, fetched when read
+LAZY = STATE_FILE  # checkpoint payloads: pulled as empty stand-ins, fetched when read
 # One filesystem per URI and process: S3's may have asked the bucket's region.
 _from_uri = functools.lru_cache(maxsize=64)(pafs.FileSystem.from_uri)
 

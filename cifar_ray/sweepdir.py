@@ -30,6 +30,7 @@ from cifar_ray import config as C
 from cifar_ray import space as S
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
+from cifar_ray.rundir import METRIC_COLUMNS, STATE_FILE
 
 SPACE_FILE = "space.yaml"
 STATUS_FILE = "status.json"
@@ -37,8 +38,6 @@ TUNE_PREFIX = "tune-"  # DIR/tune-<6 hex>: Ray Tune's experiment
 TRAIN_DIR = "train"
 EPOCH_FILE = "epoch.json"  # beside state.pt in a trial checkpoint: {"epoch": N}
 _TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
-METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-           "seconds", "eval_seconds", "test_acc")
 
 
 def is_sweep(path: Path) -> bool:
@@ -141,10 +140,6 @@ def status_text(status: dict) -> str:
     return json.dumps(status, indent=1, sort_keys=True) + "\n"
 
 
-def write_status(sweep: Path, status: dict) -> None:
-    atomic_write(Path(sweep) / STATUS_FILE, status_text(status))
-
-
 def _read_rows(path: Path) -> list[dict]:
     """Tune's result.json: one JSON object per line; a torn last line (a killed driver) is
     skipped, and so is any line that is not a result row (hand-edited or damaged)."""
@@ -182,16 +177,16 @@ def _checkpoints(sweep: Path, trial_dir: Path, rows: list[dict]) -> dict[int, Pa
             epoch = json.loads((d / EPOCH_FILE).read_text())["epoch"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if _epoch(epoch) and (d / "state.pt").is_file():
-            found[epoch] = d / "state.pt"
+        if _epoch(epoch) and (d / STATE_FILE).is_file():
+            found[epoch] = d / STATE_FILE
     for row in rows:
         path = row.get("checkpoint_path")
         if isinstance(path, str) and path and "epoch" in row:
             # Where Ray Train wrote it; else the same folder below this sweep (a copy, or
             # a local stage of a bucket, where the reported path is the bucket's).
             for ckpt in (Path(path), sweep / TRAIN_DIR / path.rsplit(f"/{TRAIN_DIR}/", 1)[-1]):
-                if (ckpt / "state.pt").is_file():
-                    found[row["epoch"]] = ckpt / "state.pt"
+                if (ckpt / STATE_FILE).is_file():
+                    found[row["epoch"]] = ckpt / STATE_FILE
                     break
     return found
 
@@ -233,7 +228,7 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
         params = _read_params(dirs[-1] / "params.json")
         rows = [r for d in dirs for r in _read_rows(d / "result.json")]  # later runs win
         by_epoch = {r["epoch"]: r for r in rows if "epoch" in r and "error" not in r}
-        history = [{k: by_epoch[e][k] for k in METRICS if _number(by_epoch[e].get(k))}
+        history = [{k: by_epoch[e][k] for k in METRIC_COLUMNS if _number(by_epoch[e].get(k))}
                    for e in sorted(by_epoch)]
         errors = [str(r["error"]) for r in rows if "error" in r]
         known = status.get(trial_id, {})
@@ -299,7 +294,7 @@ def write_results(sw: Sweep) -> None:
     keys = swept_columns(sw)
     rows = [{"trial_id": t.trial_id, **{k: _param(t, k) for k in keys}, **h}
             for t in sw.trials for h in t.history]
-    columns = ["trial_id", *keys, *METRICS]
+    columns = ["trial_id", *keys, *METRIC_COLUMNS]
     table = pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
     buf = io.BytesIO()
     pq.write_table(table, buf)

@@ -346,12 +346,11 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
     info = model_info(cfg.model.name, num_classes=len(arrays["classes"]), **cfg.model.args)
     check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
     with storage.Stage(loc) as stage:
-        return _run(cfg, arrays, info, stage, resume, overwrite, check_resources, verbose,
-                    echo)
+        return _run(cfg, arrays, info, stage, resume, check_resources, verbose, echo)
 
 
 def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: bool,
-         overwrite: bool, check_resources: bool, verbose: bool, echo) -> dict:
+         check_resources: bool, verbose: bool, echo) -> dict:
     """The Ray part of `run`: start the trainer, follow it, write the run's files."""
     import ray
     from ray.util.queue import Queue

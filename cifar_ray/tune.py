@@ -8,7 +8,8 @@ metrics with a checkpoint and, when resumed, continues from its last checkpoint.
   and stops (~20 s a trial on a laptop) and a second process per trial, for no DDP at all.
 - `--workers-per-trial N > 1`: the function builds a TorchTrainer (train.make_trainer) whose
   N DDP workers take whole GPUs (or CPUs), with TuneReportCallback forwarding each report to
-  Tune (design.md 4). The function itself holds no CPU and concurrency is capped, so trial
+  Tune (Ray Train v2 refuses a TorchTrainer given to the Tuner directly: this is its supported
+  pattern). The function itself holds no CPU and concurrency is capped, so trial
   drivers can never hold the CPUs their own workers wait for.
 
 Data. The driver loads and splits the dataset once and puts it in the object store once;
@@ -54,9 +55,9 @@ from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
-# so trial drivers can never take the CPUs their own workers need (the nested Tune + Train
-# deadlock of design.md 4), and the concurrency cap keeps every running trial's workers
-# within the cluster. (A 0.1 CPU share would keep 2 workers x 1 CPU off a 2-CPU machine.)
+# so trial drivers can never take the CPUs their own workers need (nested Tune + Train
+# deadlocks when trial drivers hold every CPU), and the concurrency cap keeps every running
+# trial's workers within the cluster. (A 0.1 CPU share would keep 2 workers x 1 CPU off a 2-CPU machine.)
 # Ray wants a non-empty reservation, so the driver reserves the memory it does use.
 TRIAL_DRIVER = {"cpu": 0, "memory": 256 * 1024**2}
 ASHA_FILE = "asha.json"  # inside Tune's experiment folder: the scheduler's rung records
@@ -211,7 +212,7 @@ class _Progress(tune.Callback):
     def _label(self, trial) -> str:
         params = trial.config.get("trial", {})
         seed = f", seed {params['train.seed']}" if "train.seed" in params else ""
-        return (S.describe(params) or "base") + seed
+        return S.describe(params) + seed
 
     def _end(self, trial, state: str, reason: str = "") -> None:
         self.status[trial.trial_id] = {"status": state, **({"reason": reason} if reason else {})}
@@ -322,11 +323,13 @@ def plan(settings: S.Settings, check: bool = True) -> Plan:
 
 def check_state_api() -> None:
     """Refuse multi-worker trials on a Ray cluster without the State API (see _run)."""
+    import ray
     from ray.util.state import list_actors
     from ray.util.state.exception import RayStateApiException
 
-    try:
-        list_actors(limit=1, timeout=30, raise_on_missing_output=False)
+    try:  # this cluster's address: without one, Ray refuses when a machine runs several
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30,
+                    raise_on_missing_output=False)
     except RayStateApiException:
         raise UserError("--workers-per-trial: the Ray cluster has no dashboard (State API), "
                         "which Ray Train needs to free each finished trial's workers; start "
@@ -398,7 +401,7 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     for params in trials:  # every trial's batch against the data, before Ray starts
         cfg = S.trial_config(space, settings, params)
         T.check_batch(cfg, len(split["train_y"]), settings.workers_per_trial,
-                      f"{space.source}: {S.describe(params) or 'base'}: train.batch_size")
+                      f"{space.source}: {S.describe(params)}: train.batch_size")
     arrays = _shared_arrays(split)
     del split
     started_ray = not ray.is_initialized()

@@ -1,5 +1,6 @@
-"""Job: the seed's one-change-at-a-time journey (space `seed-journey`, design.md section 2)
-as one ASHA sweep, each variant beside the accuracy the notes report.
+"""Job: the seed's one-change-at-a-time journey (space `seed-journey`: the steps of the
+student's Keras notebook this project grew from, as named variants) as one ASHA sweep, each
+variant beside the accuracy the notes report.
 
     python jobs/seed_journey.py [--data cifar10] [--gpus-per-trial 0.25] [--seeds 3]
     python jobs/seed_journey.py --smoke          # two variants, one epoch, tiny data, CPU

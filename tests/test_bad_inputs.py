@@ -53,12 +53,10 @@ from cifar_ray.cli import main
 from cifar_ray.data import load, prepare, sources
 from cifar_ray.errors import UserError
 from cifar_ray.models import create_model
-# The fixture builders of the data tests (tiny ImageFolder trees, archives, CIFAR batches).
-from test_data import (encode, evil_pickle, fake_batches, official_tarball, random_images,
-                       tar_member, tree, write_dir, write_tar, write_zip)
+from helpers import (TINY_SPEC, encode, evil_pickle, fake_batches, official_tarball,
+                     random_images, tar_member, tree, write_dir, write_tar, write_zip)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SPEC = "- {conv: 8, padding: same}\n- {maxpool: 2}\n- gap\n"
 
 
 # ---------------------------------------------------------------- shared assets
@@ -769,11 +767,11 @@ CASES = [
          "state.pt: config", "train.epochs must be an integer"),
     case("predict-checkpoint-of-another-model",
          lambda fx: ["predict", with_state(fx, "state.pt", config=C.to_dict(C.Config())), fx.image],
-         "state.pt: its weights do not fit model seed-vgg-bn", "0.0.weight has shape [8, 3, 3, 3], the model's",
+         "state.pt: its weights do not fit model seed-vgg-bn", "0.0.weight has shape [16, 3, 3, 3], the model's",
          "changed since"),
     case("predict-checkpoint-other-class-count",
          lambda fx: ["predict", with_state(fx, "state.pt", classes=["a", "b", "c"]), fx.image],
-         "state.pt: its weights do not fit", "has shape [10, 8], the model's [3, 8]"),
+         "state.pt: its weights do not fit", "has shape [10, 32], the model's [3, 32]"),
     case("predict-checkpoint-spec-gone",
          lambda fx: ["predict", with_state(fx, "state.pt", config=C.to_dict(C.load_config(
              None, [f"model.name={fx.tmp / 'gone.yaml'}"]))), fx.image],

@@ -1,5 +1,6 @@
 """`cifar-ray bench`: each measurement's parts by their behaviour, and the command printing
-every ratio (`--quick`, synthetic data). No assertion is about time."""
+every ratio (`--quick`, synthetic data; the parts without Ray in one run, Ray's in another).
+No assertion is about time."""
 
 import json
 import os
@@ -82,6 +83,7 @@ def test_time_to_accuracy_gives_the_curve_and_each_target():
 
 
 def test_bench_json_without_ray():
+    """The loader and speed parts: their figures as JSON on stdout, their lines on stderr."""
     result = CliRunner().invoke(main, ["bench", "--quick", "--only", "loader", "--only",
                                        "speed", "--json"])
     assert result.exit_code == 0, result.output
@@ -89,18 +91,18 @@ def test_bench_json_without_ray():
     assert data["loader"]["ratio"] > 0 and "ray" not in data
     assert data["speed"]["preset"] == "speed-cpu" and len(data["speed"]["curve"]) == 2
     assert set(data["speed"]["targets"]) == {"0.80", "0.90"}
-    assert "loader+aug" in result.stderr
+    lines = result.stderr.splitlines()
+    loader = next(l for l in lines if l.startswith("loader+aug"))
+    assert "ratio" in loader and "torchvision" in loader
+    targets = [l for l in lines if l.strip().startswith("val 0.")]
+    assert len(targets) == 2 and all("ratio" in l or "not reached" in l for l in targets)
+    assert "epoch" in result.stderr  # the validation curve
 
 
 @pytest.mark.ray
-def test_bench_quick_prints_every_ratio(ray_local):
-    result = CliRunner().invoke(main, ["bench", "--quick"])
+def test_bench_ray_prints_its_ratio(ray_local):
+    """The Ray part (a real Ray Train run beside the engine alone), printed as a ratio."""
+    result = CliRunner().invoke(main, ["bench", "--quick", "--only", "ray"])
     assert result.exit_code == 0, result.output
-    out = result.stdout
-    loader = next(l for l in out.splitlines() if l.startswith("loader+aug"))
-    train = next(l for l in out.splitlines() if l.startswith("train "))
-    assert "ratio" in loader and "torchvision" in loader
+    train = next(l for l in result.stdout.splitlines() if l.startswith("train "))
     assert "ratio" in train and "Ray Train" in train and "engine alone" in train
-    targets = [l for l in out.splitlines() if l.strip().startswith("val 0.")]
-    assert len(targets) == 2 and all("ratio" in l or "not reached" in l for l in targets)
-    assert "epoch" in out  # the validation curve

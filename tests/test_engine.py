@@ -12,22 +12,12 @@ from cifar_ray import config as C
 from cifar_ray import engine
 from cifar_ray.errors import UserError
 from cifar_ray.train import load_split, to_split
-
-TINY_SPEC = """\
-- {conv: 16, kernel: 3, padding: same, batchnorm: true}
-- {maxpool: 2}
-- {conv: 32, kernel: 3, padding: same, batchnorm: true}
-- {maxpool: 2}
-- {dropout: 0.1}
-- gap
-"""
+from helpers import tiny_spec as write_tiny_spec
 
 
 @pytest.fixture
 def tiny_spec(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_SPEC)
-    return str(path)
+    return write_tiny_spec(tmp_path / "tiny.yaml", dropout=0.1)
 
 
 def make_cfg(spec, *sets):
@@ -102,9 +92,12 @@ def test_ema_moves_toward_live_weights():
     before = ema.shadow["weight"].clone()
     with torch.no_grad():
         model.weight.add_(1.0)
+    gap = (model.weight - ema.shadow["weight"]).abs().sum().item()
     ema.update(model)
     delta = ema.shadow["weight"] - before
     torch.testing.assert_close(delta, torch.full_like(delta, 0.1))
+    new_gap = (model.weight - ema.shadow["weight"]).abs().sum().item()
+    assert new_gap == pytest.approx(0.9 * gap, rel=1e-5)
 
 
 def test_tta_of_flip_and_shift_invariant_model_equals_plain():

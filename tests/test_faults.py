@@ -1,6 +1,6 @@
 """What a sweep left running overnight on preemptible machines meets, on CPU with tiny data:
 a DDP worker killed mid-epoch, a `tune` driver killed mid-sweep, SIGKILL in the middle of a
-write; determinism of the metrics; a 32-trial sweep on one data copy.
+write; determinism of the metrics; a 12-trial sweep on one data copy.
 
 Real processes are killed at known places: cifar_ray.faults makes the process that reaches
 a named point write its PID to a file and wait, the test kills that PID. `pytest -m faults`
@@ -25,14 +25,10 @@ from click.testing import CliRunner
 from cifar_ray import rundir
 from cifar_ray import sweepdir as D
 from cifar_ray.cli import main
-from test_train import TINY_SPEC
+from helpers import SWEEP_BASE, tiny_spec
 
 pytestmark = pytest.mark.faults
 
-SWEEP_BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 16, "convs": 1,
-                                                "dense_layers": 0}},
-              "train": {"epochs": 3, "batch_size": 32},
-              "optim": {"lr": 0.1, "warmup_epochs": 0.0}, "aug": {"crop_pad": 0, "hflip": "none"}}
 AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
@@ -119,9 +115,7 @@ def _run_cli(args: list, env: dict, log: Path) -> subprocess.Popen:
 
 @pytest.fixture
 def spec(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_SPEC)
-    return str(path)
+    return tiny_spec(tmp_path / "tiny.yaml")
 
 
 # ---------------------------------------------------------------- 1. a DDP worker dies
@@ -323,8 +317,7 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
     from cifar_ray import engine
     from cifar_ray.train import load_split, to_split
 
-    spec = tmp_path / "dropout.yaml"
-    spec.write_text(TINY_SPEC.replace("- gap", "- {dropout: 0.2}\n- gap"))
+    spec = tiny_spec(tmp_path / "dropout.yaml", dropout=0.2)
     cfg = C.load_config(None, [f"model.name={spec}", "data.source=synthetic:600",
                                "train.batch_size=64", "optim.lr=0.05", "train.epochs=2",
                                "aug.crop_pad=2", "aug.hflip=random", "aug.cutout=8",
@@ -387,16 +380,16 @@ def _pss_of_tree() -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_32_trial_sweep_finishes_on_one_copy_of_the_data(ray_local, tmp_path):
-    """32 one-epoch trials, 4 at once, on local Ray: every one finishes and is listed once;
-    peak memory (summed PSS) stays that of a few trial processes. The data is shared: a
+def test_a_12_trial_sweep_finishes_on_one_copy_of_the_data(ray_local, tmp_path):
+    """12 one-epoch trials, 4 at once, on local Ray: every one finishes and is listed once;
+    peak memory (summed PSS) stays that of a few trial processes, not of 12. The data is shared: a
     trial's loader trains from the object store's copy in place (same memory, read-only),
     never from a copy of its own."""
     import numpy as np
 
     from cifar_ray import tune as TU
 
-    lrs = [round(0.02 + 0.005 * i, 4) for i in range(32)]
+    lrs = [round(0.02 + 0.01 * i, 4) for i in range(12)]
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"base": {**SWEEP_BASE, "train": {"epochs": 1,
                                                                       "batch_size": 64}},
@@ -421,10 +414,10 @@ def test_a_32_trial_sweep_finishes_on_one_copy_of_the_data(ray_local, tmp_path):
     wall = time.monotonic() - t0
     assert result.exit_code == 0, result.output
     trials = D.read_sweep(tmp_path / "sweep").trials
-    assert len({t.trial_id for t in trials}) == 32
+    assert len({t.trial_id for t in trials}) == 12
     assert all(t.status == "done" and t.epochs == 1 for t in trials)
-    print(f"32 trials: {wall:.0f} s, peak PSS {peak[0] / 2**30:.1f} GiB")
-    assert peak[0] < 8 * 2**30  # ~4.5 GiB measured: Ray + 4 trial processes, not 32
+    print(f"12 trials: {wall:.0f} s, peak PSS {peak[0] / 2**30:.1f} GiB")
+    assert peak[0] < 8 * 2**30  # Ray + 4 trial processes (~4.5 GiB), not 12
 
     @ray_local.remote
     def loader_memory(shared: list) -> dict:

@@ -1,6 +1,6 @@
 """jobs/ without Ray: where results go, the cifar-ray command each entrypoint composes
 (--dry-run), the smoke spaces, and the runtime environments against pyproject.toml.
-(tests/test_jobs_e2e.py runs every job for real on a local head.)"""
+(tests/test_jobs_e2e.py runs the training job and a sweep job for real on a local head.)"""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def test_builtin_space_validates_every_trial(name):
     assert S.points(again, S.resolve_settings(again, {})) == trials
 
 
-def test_builtin_spaces_cover_the_issue():
+def test_builtin_spaces_cover_the_knobs_the_seed_turned():
     arch = S.load_space("architecture")
     for knob in ("depth", "width", "filters", "dense_layers", "activation", "kernels",
                  "dropout", "batchnorm"):

@@ -1,5 +1,6 @@
-"""The speed recipe's parts, each by its behaviour: patch-whitening init, lookahead and EMA,
-test-time augmentation, decoupled optimizer units, the speed net's layers and the presets."""
+"""The speed recipe's parts, each by its behaviour: patch-whitening init, lookahead,
+test-time augmentation, decoupled optimizer units, the speed net's layers and the presets.
+(EMA, which the recipe also uses: test_engine.py.)"""
 
 import copy
 
@@ -70,7 +71,7 @@ def test_fit_whitens_from_training_images():
     assert len(hist) == 1 and torch.isfinite(torch.tensor(hist[0]["train_loss"]))
 
 
-# ---------------------------------------------------------------- lookahead and EMA
+# ---------------------------------------------------------------- lookahead (EMA: test_engine.py)
 
 def test_lookahead_pulls_toward_the_live_weights_and_restarts_from_the_slow_copy():
     model = nn.Linear(3, 2)
@@ -89,17 +90,6 @@ def test_lookahead_pulls_toward_the_live_weights_and_restarts_from_the_slow_copy
         model.weight.add_(5.0)
     la.step(model, 10, 10)  # the last step: the live weights become the slow ones
     assert torch.allclose(model.weight.detach(), expected)
-
-
-def test_ema_weights_move_toward_the_live_weights():
-    model = nn.Linear(3, 2)
-    ema = engine.EMA(model, decay=0.9)
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    gap = (model.weight - ema.shadow["weight"]).abs().sum().item()
-    ema.update(model)
-    new_gap = (model.weight - ema.shadow["weight"]).abs().sum().item()
-    assert new_gap == pytest.approx(0.9 * gap, rel=1e-5)
 
 
 def test_lookahead_state_resumes(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -9,24 +10,16 @@ from PIL import Image
 
 from cifar_ray import rundir
 from cifar_ray.cli import main
+from helpers import tiny_spec
 
 pytestmark = pytest.mark.ray
 
-TINY_SPEC = """\
-- {conv: 16, kernel: 3, padding: same, batchnorm: true}
-- {maxpool: 2}
-- {conv: 32, kernel: 3, padding: same, batchnorm: true}
-- {maxpool: 2}
-- gap
-"""
 DETERMINISTIC = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
-    path.write_text(TINY_SPEC)
-    return str(path)
+    return tiny_spec(tmp_path_factory.mktemp("spec") / "tiny.yaml")
 
 
 def train(*args):
@@ -87,22 +80,6 @@ def test_evaluate_and_predict(ddp_run, tmp_path):
     assert res.exit_code == 2 and "bad.png: cannot decode image" in res.output
 
 
-def test_resume_equals_uninterrupted(ray_local, spec, tmp_path):
-    flags = [*common(spec, "synthetic:400"), "--set", "optim.schedule=constant"]
-    full = train(*flags, "--epochs", 2, "--out", tmp_path / "full")
-    assert full.exit_code == 0, full.output
-    part = train(*flags, "--epochs", 1, "--out", tmp_path / "part")
-    assert part.exit_code == 0, part.output
-    resumed = train("--resume", tmp_path / "part", "--epochs", 2)
-    assert resumed.exit_code == 0, resumed.output
-    a = rundir.read_metrics(tmp_path / "full" / "metrics.csv")
-    b = rundir.read_metrics(tmp_path / "part" / "metrics.csv")
-    assert [r["epoch"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
-        for key in DETERMINISTIC:
-            assert ra[key] == rb[key], (ra["epoch"], key)
-
-
 def test_out_holding_a_run_is_refused(ddp_run, spec):
     out, _ = ddp_run
     before = (out / "metrics.csv").read_text()
@@ -125,8 +102,7 @@ def test_a_worker_refusing_the_run_is_one_error_line(ray_local, tmp_path, monkey
     and no run folder; not a Ray traceback."""
     from cifar_ray import train as T
 
-    spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY_SPEC)
+    spec = Path(tiny_spec(tmp_path / "tiny.yaml"))
     plan = T.plan_resources
 
     def plan_then_lose_the_spec(*args, **kwargs):  # after every check of the driver's
@@ -189,19 +165,30 @@ def test_newest_state_skips_a_checkpoint_cut_short(ddp_run, tmp_path):
 
 
 @pytest.mark.faults
-def test_ctrl_c_stops_after_saving_and_resume_continues(ray_local, spec, tmp_path):
+def test_ctrl_c_stops_after_saving_and_resume_equals_uninterrupted(ray_local, spec, tmp_path):
     """A real `cifar-ray train` process (its own Ray) gets SIGINT after epoch 1; it exits 130
-    with the finished epochs saved, and --resume completes the run with one row per epoch."""
+    with the finished epochs saved, and --resume (on the tests' Ray) completes the run with
+    one row per epoch: bit for bit the rows of the engine alone training the same epochs
+    without a stop (same threads), so the driver hands the workers the whole checkpoint
+    state (the engine's own resume: test_engine.py, test_faults.py)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    import torch
+
+    from cifar_ray import config as C
+    from cifar_ray import engine
+    from cifar_ray.train import load_split, to_split
+
     out = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen([sys.executable, "-m", "cifar_ray", "train", *map(str, common(spec, "synthetic:1500")),
+    flags = [*common(spec, "synthetic:1500"), "--set", "optim.schedule=constant",
+             "--set", "scale.cpus_per_worker=2"]  # the lr and threads of any length of run
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_ray", "train", *map(str, flags),
                              "--epochs", "40", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
@@ -217,7 +204,22 @@ def test_ctrl_c_stops_after_saving_and_resume_continues(ray_local, spec, tmp_pat
     assert "Resume with: cifar-ray train --resume" in output
     saved = rundir.checkpoint_dirs(out)
     assert saved and min(saved) >= 1
-    resumed = train("--resume", out, "--epochs", max(saved) + 1)  # on the tests' Ray
+    epochs = max(saved) + 1
+    resumed = train("--resume", out, "--epochs", epochs)  # on the tests' Ray
     assert resumed.exit_code == 0, resumed.output
+    assert f"epoch {epochs:3d}/{epochs}" in resumed.output
+    assert f"epoch {max(saved):3d}/{epochs}" not in resumed.output  # continued, not redone
     rows = rundir.read_metrics(out / "metrics.csv")
-    assert [r["epoch"] for r in rows] == list(range(1, max(saved) + 2))
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+
+    cfg = C.load_config(str(out / "config.yaml"))
+    assert cfg.train.epochs == epochs and cfg.scale.cpus_per_worker == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.scale.cpus_per_worker)
+    try:
+        alone = engine.fit(cfg, to_split(load_split(cfg)), device=torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for ra, rb in zip(alone, rows, strict=True):
+        for key in DETERMINISTIC:
+            assert ra[key] == rb[key], (ra["epoch"], key)

@@ -361,9 +361,9 @@ def _scan_plain_tar(buf: bytes) -> list[tuple[str, bool, int, int]] | None:
     _tarfile_members; None for anything else (pax headers, long names, links, devices, a bad
     checksum, a missing end marker), which tarfile then reads and judges.
 
-    Why: tarfile parses every header field in Python, ~30 us a member on our 2-core
-    machine: 1.5-2 s of the 4 s budget for CIFAR's 50,000 members. This reads only the name,
-    type and size, and checks all the checksums at once with numpy: ~10x faster."""
+    Why: tarfile parses every header field in Python, a large share of preparing CIFAR's
+    50,000 members. This reads only the name, type and size, and checks all the checksums at
+    once with numpy (the figures: BENCHMARKS.md, "Data preparation")."""
     members, headers, checksums, off = [], [], [], 0
     try:
         while True:
@@ -516,7 +516,8 @@ def decode_images(items: Iterable[tuple[str, bytes]], resize: bool = False) -> n
 
     A few thousand images decode here with PIL. Beyond one chunk, worker processes decode
     chunks while this process goes on reading the source, and JPEGs go through torchvision's
-    batched libjpeg-turbo decoder (~4x faster than PIL per image here); its import costs
+    batched libjpeg-turbo decoder (faster than PIL per image: BENCHMARKS.md, "Data
+    preparation"); its import costs
     seconds, so it is only worth it for a large set. Workers are forked, so they inherit
     the imports instead of paying them again.
     """
