@@ -28,7 +28,21 @@ SUMMARY_NUMBERS = ("params", "epochs", "epochs_planned", "best_val_acc", "final_
                    "final_train_acc", "train_seconds", "wall_seconds", "images_per_second",
                    "best_epoch", "last_epoch", "test_acc")
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                  "images_per_s", "seconds", "eval_seconds", "test_acc"]
+                  "images_per_s", "seconds", "eval_seconds", "test_acc", "chance"]
+
+
+LEARNED = 1.5  # a run has learned once its val accuracy reaches this many times chance
+
+
+def learned(history: list[dict]) -> bool | None:
+    """Whether any epoch's validation accuracy reached LEARNED x chance (1/classes, which
+    the engine records every epoch); None for a history without that record. A net that
+    never does is not learning: usually a recipe it cannot train with (see
+    models.default_recipe)."""
+    chance = history[-1].get("chance") if history else None
+    if chance is None:
+        return None
+    return any(h.get("val_acc", 0) >= LEARNED * chance for h in history)  # NaN: False
 
 
 def is_run(path: Path) -> bool:

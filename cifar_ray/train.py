@@ -38,6 +38,9 @@ def load_split(cfg: C.Config) -> dict:
     from cifar_ray.data import load, stratified_subset, train_val_split
 
     ds = load(cfg.data.source)
+    if "train" not in ds.splits:
+        raise UserError(f"--data {cfg.data.source}: holds only a test split, nothing to train on; "
+                        "give a train/<class>/ tree (a test-only set is for cifar-ray evaluate)")
     images, labels = ds.splits["train"]
     train_idx, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
     if cfg.data.limit:
@@ -267,7 +270,7 @@ class _Console:
                           f" {step}/{steps}")
         self.stream.flush()
 
-    def epoch(self, m: dict) -> None:
+    def epoch(self, m: dict, history: list[dict]) -> None:
         if self.tty:
             self.stream.write("\r\033[K")
         line = (f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} "
@@ -275,6 +278,9 @@ class _Console:
                 f"lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s")
         if "test_acc" in m:
             line += f"  test acc {m['test_acc']:.4f}"
+        if len(history) >= 2 and rundir.learned(history) is False:
+            line += (f"  [still at chance ({m['chance']:.2f}): not learning; try another "
+                     "recipe, e.g. --set optim.name=adamw --lr 0.001]")
         print(line, flush=True)
 
 
@@ -404,7 +410,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
                     stage.push()
                 except UserError as e:  # the store may be back by the next epoch
                     echo(f"warning: {e}")
-                console.epoch(item[1])
+                console.epoch(item[1], rows)
         thread.join()
     except KeyboardInterrupt:
         echo(f"\ninterrupted: stopping workers; the last finished epoch is saved. "
@@ -472,6 +478,8 @@ def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: fl
     }
     if "test_acc" in last:
         summary["test_acc"] = last["test_acc"]
+    # Never above 1.5x chance after two epochs or more (rundir.learned): not learning.
+    summary["did_not_learn"] = len(history) >= 2 and rundir.learned(history) is False
     rundir.write_summary(out, summary)
     stage.push()
     return summary
