@@ -201,8 +201,11 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
         ray.init(address=address, log_to_driver=verbose,
                  **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
     else:
+        # Loopback: a private instance serves this machine only (Ray picks the network's
+        # address by default).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                 log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
+                 log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING",
+                 _node_ip_address="127.0.0.1")
 
 
 def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
