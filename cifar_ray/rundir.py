@@ -34,15 +34,14 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 LEARNED = 1.5  # a run has learned once its val accuracy reaches this many times chance
 
 
-def learned(history: list[dict]) -> bool | None:
-    """Whether any epoch's validation accuracy reached LEARNED x chance (1/classes, which
-    the engine records every epoch); None for a history without that record. A net that
-    never does is not learning: usually a recipe it cannot train with (see
-    models.default_recipe)."""
+def did_not_learn(history: list[dict]) -> bool:
+    """Two epochs or more and no validation accuracy at LEARNED x chance (1/classes, which
+    the engine records every epoch; a history without that record is not judged). Such a
+    net is not learning: usually a recipe it cannot train with (models.default_recipe).
+    One epoch is too early to tell: a net without BatchNorm can sit at chance for one."""
     chance = history[-1].get("chance") if history else None
-    if chance is None:
-        return None
-    return any(h.get("val_acc", 0) >= LEARNED * chance for h in history)  # NaN: False
+    return (chance is not None and len(history) >= 2
+            and not any(h.get("val_acc", 0) >= LEARNED * chance for h in history))  # NaN: no
 
 
 def is_run(path: Path) -> bool:

@@ -73,8 +73,7 @@ class Trial:
 
     @property
     def did_not_learn(self) -> bool:
-        """Never above 1.5x chance in the epochs it ran (rundir.learned)."""
-        return rundir.learned(self.history) is False
+        return rundir.did_not_learn(self.history)
 
     @property
     def seed(self) -> int:

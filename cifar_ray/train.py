@@ -281,7 +281,7 @@ class _Console:
                 f"lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s")
         if "test_acc" in m:
             line += f"  test acc {m['test_acc']:.4f}"
-        if len(history) >= 2 and rundir.learned(history) is False:
+        if rundir.did_not_learn(history):
             line += (f"  [still at chance ({m['chance']:.2f}): not learning; try another "
                      "recipe, e.g. --set optim.name=adamw --lr 0.001]")
         print(line, flush=True)
@@ -481,8 +481,7 @@ def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: fl
     }
     if "test_acc" in last:
         summary["test_acc"] = last["test_acc"]
-    # Never above 1.5x chance after two epochs or more (rundir.learned): not learning.
-    summary["did_not_learn"] = len(history) >= 2 and rundir.learned(history) is False
+    summary["did_not_learn"] = rundir.did_not_learn(history)
     rundir.write_summary(out, summary)
     stage.push()
     return summary

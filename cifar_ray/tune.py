@@ -229,8 +229,8 @@ class _Progress(tune.Callback):
             if state == "stopped":
                 what += ", stopped by ASHA"
             chance = r.get("chance")
-            if chance is not None and not best >= rundir.LEARNED * chance:
-                what += ", did not learn (never above 1.5x chance)"
+            if chance is not None and epochs >= 2 and not best >= rundir.LEARNED * chance:
+                what += f", did not learn (never above {rundir.LEARNED:g}x chance)"
         self._say(f"{state:<8} {trial.trial_id}  {self._label(trial)}: {what}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
