@@ -56,20 +56,25 @@ def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str 
     own = data is None or data == cfg.data.source
     data = data or cfg.data.source
     ds, split, (images, labels) = split_arrays(cfg, data, split, own)
-    if list(ds.classes) != list(state["classes"]):
-        raise UserError(f"--data {data}: its classes {ds.classes} differ from the checkpoint's "
-                        f"{state['classes']}; evaluate on the dataset the model was trained on")
+    classes = list(state["classes"])
+    unknown = [c for c in ds.classes if c not in classes]
+    if unknown:
+        raise UserError(f"--data {data}: its classes {', '.join(unknown)} are not among the "
+                        f"checkpoint's ({', '.join(classes)}); evaluate on images of the classes "
+                        "the model was trained on")
+    # By name: a separate test folder lists its classes in its own (sorted) order.
+    labels = np.array([classes.index(c) for c in ds.classes], np.int64)[labels]
     device = torch.device("cpu")
     loader = DeviceLoader(images, labels, batch_size=cfg.train.eval_batch_size, device=device,
                           mean=tuple(state["mean"]), std=tuple(state["std"]), aug=None,
                           shuffle=False, drop_last=False, channels_last=cfg.train.channels_last)
     amp = engine.autocast_dtype(cfg.train.precision, device)
-    ev = engine.evaluate(model, loader, device, amp, len(ds.classes), tta)
+    ev = engine.evaluate(model, loader, device, amp, len(classes), tta)
     conf = ev["confusion"]
-    per_class = {c: float(conf[i, i] / max(conf[i].sum(), 1)) for i, c in enumerate(ds.classes)}
+    per_class = {c: float(conf[i, i] / conf[i].sum()) for i, c in enumerate(classes) if conf[i].sum()}
     return {"checkpoint": str(path), "split": split, "n": ev["n"], "accuracy": ev["acc"],
             "loss": ev["loss"], "tta": tta, "per_class": per_class,
-            "classes": list(ds.classes), "confusion": conf.tolist()}
+            "classes": classes, "confusion": conf.tolist()}
 
 
 def read_image(path: str | Path) -> np.ndarray:
