@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_ray import config as C
+from cifar_ray import rundir
 from cifar_ray import space as S
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
@@ -68,6 +69,10 @@ class Trial:
     def best_epoch(self) -> int | None:
         scored = [(h["val_acc"], h["epoch"]) for h in self.history if _finite(h.get("val_acc"))]
         return max(scored)[1] if scored else None
+
+    @property
+    def did_not_learn(self) -> bool:
+        return rundir.did_not_learn(self.history)
 
     @property
     def seed(self) -> int:
@@ -114,7 +119,7 @@ def load_space(sweep: Path) -> tuple[S.Space, S.Settings, C.Config]:
         raise UserError(f"{sweep}: not a sweep directory (no {SPACE_FILE})")
     space = S.parse(C.read_yaml(path, "space"), str(path), name=Path(sweep).resolve().name)
     settings = S.resolve_settings(space, {})
-    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), str(path))
+    base = S.base_config(space, settings, str(path))
     return space, settings, base
 
 
