@@ -360,7 +360,7 @@ def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool =
     write the tables and the report; return the sweep as read back."""
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
-    with storage.Stage(loc) as stage:
+    with storage.claimed(loc), storage.Stage(loc) as stage:  # one writer per folder
         experiment = None
         if resume:
             if not storage.exists(loc, D.SPACE_FILE):
@@ -386,8 +386,8 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     loc, resume = stage.loc, experiment is not None
     if not resume:
         # before the data is prepared and Ray starts
-        storage.check_new(loc, overwrite, lambda: "another sweep" if storage.exists(
-            loc, D.SPACE_FILE) else "files", f"--resume {loc.text}")
+        storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
+                          keep=((space.base.get("data") or {}).get("source"),))
     S.check_settings(space, settings)
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
     base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
