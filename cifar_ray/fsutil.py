@@ -78,14 +78,18 @@ def out_of_space(path: str | os.PathLike, size: int | None = None, then: str = "
 def is_out_of_space(error: BaseException | None) -> bool:
     """True when `error`, or any exception it was raised from, is a full disk or quota
     (Ray and pyarrow wrap the OSError; the text is all some of them keep)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
+    seen, todo = set(), [error]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
             return True
-        error = error.__cause__ or error.__context__
+        todo += [error.__cause__, error.__context__,  # Ray Train: each worker's exception
+                 *getattr(error, "worker_failures", {}).values()]
     return False
 
 
@@ -217,6 +221,7 @@ def claimed(path: str | os.PathLike, flag: str) -> Iterator[None]:
         _remove_empty(made)
         raise _cannot_write(lock, e) from None
     try:
+        faults.point("claimed", name=path.name)
         yield
     finally:
         with contextlib.suppress(OSError):
