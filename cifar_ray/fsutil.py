@@ -161,9 +161,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(tmp)
         faults.point("atomic-dir", name=path.name)
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError as e:  # pyarrow's errors for a full disk are OSErrors without an errno
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_out_of_space(e):
             raise out_of_space(path) from None
         raise
     except BaseException:

@@ -526,7 +526,7 @@ def test_overwrite_replaces_only_what_cifar_ray_wrote(tmp_path, monkeypatch):
 
 def _fill(folder: Path, leave: int) -> Path:
     """A file that takes all the free space of `folder`'s filesystem but `leave` bytes."""
-    ballast = folder / "ballast"
+    ballast = Path(tempfile.mkstemp(dir=folder, prefix="ballast-")[1])
     free = shutil.disk_usage(folder).free
     with open(ballast, "wb") as f:
         f.truncate(0)
@@ -563,6 +563,14 @@ def test_full_disk_then_damaged_checkpoints_resume(ray_local, tmp_path):
         assert full.stderr.count("\n") == 1 and "Traceback" not in full.stderr, full.stderr
         assert f"error: {run}: no space left on the device" in full.stderr, full.stderr
         assert "bytes" in full.stderr and f"cifar-ray train --resume {run}" in full.stderr
+        more = _fill(disk, 0)
+        for argv in (["data", "info", "synthetic:50", "--grid", disk / "grid.png"],
+                     ["data", "prepare", "synthetic:2000", "--out", disk / "prepared"]):
+            result = CliRunner().invoke(main, [str(a) for a in argv])
+            assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+            assert "no space left on the device" in result.stderr, result.stderr
+            assert not (disk / "grid.png").exists() and not (disk / "prepared").exists()
+        more.unlink()
         ballast.unlink()
 
         # The newest checkpoint damaged after Ray recorded it, and a recorded one deleted.
