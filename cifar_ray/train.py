@@ -191,6 +191,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
 
     Workers' and Ray's own log lines reach the terminal only with `verbose`: the driver
     prints progress itself, and a worker's error comes back with `fit()`'s exception."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -198,12 +200,85 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        check_cluster(address)
         fault_env = faults.env()  # tests only
         ray.init(address=address, log_to_driver=verbose,
                  **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                 log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
+        # Ray's default for a cluster it starts is token authentication, announced with a
+        # WARNING on every start: the default is what we want, the line is not.
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth.level
+        auth.setLevel(logging.INFO if verbose else logging.ERROR)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                     log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
+        finally:
+            auth.setLevel(level)
+
+
+PROBE_S = 10.0  # seconds a cluster has to answer check_cluster
+
+
+def check_cluster(address: str) -> None:
+    """Refuse, within seconds, a RAY_ADDRESS where nothing listens or whose cluster wants a
+    token we do not have: ray.init would retry for a minute or more, logging every try."""
+    import socket
+
+    import ray._raylet
+    from ray.exceptions import AuthenticationError
+
+    if address in ("auto", "local") or "://" in address:
+        return  # found by Ray itself, or a Ray Client address: Ray's own errors are clear
+    where = f"RAY_ADDRESS={address}"
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{where}: expected HOST:PORT of the cluster's head (`ray start --head` "
+                        "prints it), or unset RAY_ADDRESS to train on a local Ray")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except OSError as e:
+        raise UserError(f"{where}: nothing answers there ({e.strerror or e}); start the cluster "
+                        "(ray start --head), correct RAY_ADDRESS, or unset it to train on a "
+                        "local Ray") from None
+    outcome: dict = {}
+
+    def probe():
+        try:
+            ray._raylet.GcsClient(address=address)
+            outcome["ok"] = True
+        except BaseException as e:  # surfaced below
+            outcome["error"] = e
+
+    with _stderr_to_devnull():  # Ray's C++ client logs each refused try on stderr itself
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(PROBE_S)
+    if isinstance(outcome.get("error"), AuthenticationError):
+        raise UserError(f"{where}: the cluster wants an authentication token this machine does "
+                        "not have; copy the head's token (ray get-auth-token, on the head) to "
+                        "~/.ray/auth_token, or point RAY_AUTH_TOKEN_PATH at it, and set "
+                        "RAY_AUTH_MODE=token")
+    if not outcome:
+        raise UserError(f"{where}: no Ray cluster answered within {PROBE_S:.0f} s (is it a Ray "
+                        "head's GCS port?); correct RAY_ADDRESS, or unset it to train on a "
+                        "local Ray")
+
+
+class _stderr_to_devnull:
+    """File descriptor 2 sent to /dev/null while the block runs (C++ libraries write there
+    directly, past Python's sys.stderr)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
 
 
 def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:

@@ -6,6 +6,7 @@ Real processes are killed at known places: cifar_ray.faults makes the process th
 a named point write its PID to a file and wait, the test kills that PID. `pytest -m faults`
 runs these alone (2.5-4 minutes on the shared 2-core VM)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -596,3 +597,56 @@ def test_full_disk_then_damaged_checkpoints_resume(ray_local, tmp_path):
         assert "epochs: 2" in (run / "config.yaml").read_text()  # not rewritten
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_an_unreachable_or_locked_cluster_is_one_line_within_seconds(tmp_path):
+    """RAY_ADDRESS naming a closed port, and a real cluster that wants a token this client
+    lacks: each is one error line naming the address and what to do, within seconds (Ray's
+    own client retried for a minute or more, logging every try), and no --out left."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    port, head_tmp = _free_port(), tempfile.mkdtemp(prefix="crf-")
+    token = tmp_path / "cluster-token"
+    token.write_text(os.urandom(16).hex())
+    head_env = {**_env(tmp_path), "RAY_TMPDIR": head_tmp, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(token)}
+    ray_bin = Path(sys.executable).with_name("ray")
+    try:
+        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                       env=head_env, check=True, capture_output=True, timeout=120)
+        closed = _free_port()
+        runs = {}
+        for name, address in (("closed", f"127.0.0.1:{closed}"), ("locked", f"127.0.0.1:{port}")):
+            env = {**_env(tmp_path), "RAY_ADDRESS": address}
+            argv = ["train", "--model", spec, "--data", "synthetic:200", "--batch-size", 32,
+                    "--out", tmp_path / name]
+            runs[name] = subprocess.Popen([sys.executable, "-m", "cifar_ray", *map(str, argv)],
+                                          env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True)
+        errors = {}
+        for name, proc in runs.items():
+            out, errors[name] = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (name, errors[name])
+            assert errors[name].count("\n") == 1 and out == "", errors[name]
+            assert not (tmp_path / name).exists(), name
+        assert errors["closed"].startswith(f"error: RAY_ADDRESS=127.0.0.1:{closed}: nothing "
+                                           "answers there"), errors["closed"]
+        assert errors["locked"].startswith(f"error: RAY_ADDRESS=127.0.0.1:{port}: the cluster "
+                                           "wants an authentication token"), errors["locked"]
+        assert "RAY_AUTH_MODE=token" in errors["locked"]
+    finally:
+        for pid, (_, _, cmd) in _procs().items():
+            if head_tmp in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(head_tmp, ignore_errors=True)
