@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cifar_ray.errors import UserError, finite_number, shown
+from cifar_ray.errors import UserError, finite_number, quote, shown
 from cifar_ray.fsutil import atomic_write
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -327,7 +327,7 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
     except RecursionError:  # PyYAML recurses once per nesting level
         raise UserError(f"{path}: {what} nested too deeply to read; fix the file") from None
     except Exception as e:  # a constructor's own error, e.g. the date 2024-13-45
-        reason = " ".join(str(e).split())[:100]
+        reason = quote(e, 100)
         raise UserError(f"{path}: a value YAML cannot build ({reason}); fix the file") from None
 
 

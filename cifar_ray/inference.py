@@ -9,7 +9,7 @@ import torch
 
 from cifar_ray import config as C
 from cifar_ray import engine, rundir
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, quote
 
 
 def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
@@ -81,7 +81,7 @@ def read_image(path: str | Path) -> np.ndarray:
                         "PNG or JPEG file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # A truncated file, a corrupt one, or a decompression bomb (PIL's pixel limit).
-        reason = " ".join(str(e).split())[:120] or e.__class__.__name__
+        reason = quote(e)
         raise UserError(f"{path}: cannot decode image ({reason}); give a PNG or JPEG file") from None
 
 

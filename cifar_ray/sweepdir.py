@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cifar_ray import config as C
 from cifar_ray import space as S
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, quote
 from cifar_ray.fsutil import atomic_write
 from cifar_ray.storage import Kind
 
@@ -214,7 +214,7 @@ def _error_reason(trial_dir: Path) -> str:
     if not err.is_file():
         return ""
     lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "error"
+    return quote(lines[-1], 300) if lines else "error"
 
 
 def _trial_dirs(root: Path) -> dict[str, list[Path]]:
