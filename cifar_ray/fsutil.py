@@ -108,6 +108,20 @@ def check_writable_dir(path: str | os.PathLike, what: str, given: str | os.PathL
         raise UserError(f"{flag}: {existing} is not writable; give a folder you may write to")
 
 
+def refuse_special(path: str | os.PathLike) -> None:
+    """Refuse, without opening it, a path that exists but is neither a folder nor a regular
+    file: reading a FIFO waits for a writer for ever, a device never ends."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the caller's own error says so
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UserError(f"{path}: not a regular file (a FIFO, device or socket), so it is not "
+                        "read; give a file")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` to `path` via a temp file in the same folder and a rename."""
     path = Path(path)
