@@ -317,6 +317,8 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, overridden on purpose
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen

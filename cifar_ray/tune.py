@@ -51,7 +51,7 @@ from cifar_ray import storage
 from cifar_ray import sweepdir as D
 from cifar_ray import train as T
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write
+from cifar_ray.fsutil import atomic_write, is_out_of_space, out_of_space
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (the nested Tune + Train
@@ -429,6 +429,11 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
         sweep_report(sw)
         stage.push()
         return sw
+    except Exception as e:  # Tune's own writes (experiment state, trial results) on a full disk
+        if is_out_of_space(e):
+            raise out_of_space(loc.text, then=f" and continue with: cifar-ray tune --resume "
+                               f"{loc.text}") from None
+        raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

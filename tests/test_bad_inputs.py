@@ -953,6 +953,9 @@ def test_controls_the_good_inputs_work(fx, tmp_path):
     space = S.load_space(str(fx.space))
     assert len(S.check(space, S.resolve_settings(space, {}))) == 2
     assert invoke(["data", "prepare", write_dir(fx.tmp / "imgs", tree()[0])]).exit_code == 0
+    # A merge key overriding what it merges is not a key given twice.
+    merged = _write(fx.tmp / "merge.yaml", "x: &b {epochs: 2, batch_size: 8}\ntrain:\n  <<: *b\n  batch_size: 32\n")
+    assert C.read_yaml(merged)["train"] == {"epochs": 2, "batch_size": 32}
     # The sentinels do run code when unpickled without weights_only.
     torch.load(with_state(fx, "evil.pt", model=Sentinel(fx.marker)), weights_only=False)
     assert fx.marker.exists()
