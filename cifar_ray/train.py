@@ -561,9 +561,10 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
         if is_out_of_space(outcome["error"]):  # Ray's copy of a checkpoint, most likely
             if started_ray:
                 ray.shutdown()
-            newest_ckpt = max(rundir.checkpoint_dirs(out).items(), default=(0, None))[1]
-            size = (newest_ckpt / rundir.STATE_FILE).stat().st_size if newest_ckpt else None
-            raise out_of_space(stage.loc.text, size, then=" and continue the run with: "
+            # what the next checkpoint needs: about what the largest one before it took
+            sizes = [(d / rundir.STATE_FILE).stat().st_size
+                     for d in rundir.checkpoint_dirs(out).values()]
+            raise out_of_space(stage.loc.text, max(sizes, default=None), then=" and continue the run with: "
                                f"cifar-ray train --resume {stage.loc.text}") from None
         bad_input = worker_user_error(outcome["error"])
         if bad_input is not None:  # e.g. a spec file a worker's node does not have

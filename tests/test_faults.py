@@ -527,12 +527,12 @@ def test_overwrite_replaces_only_what_cifar_ray_wrote(tmp_path, monkeypatch):
 
 def _fill(folder: Path, leave: int) -> Path:
     """A file that takes all the free space of `folder`'s filesystem but `leave` bytes."""
-    ballast = Path(tempfile.mkstemp(dir=folder, prefix="ballast-")[1])
-    free = shutil.disk_usage(folder).free
-    with open(ballast, "wb") as f:
-        f.truncate(0)
-        os.posix_fallocate(f.fileno(), 0, max(0, free - leave))
-    return ballast
+    fd, ballast = tempfile.mkstemp(dir=folder, prefix="ballast-")
+    try:
+        os.posix_fallocate(fd, 0, max(1, shutil.disk_usage(folder).free - leave))
+    finally:
+        os.close(fd)  # an open file keeps its space after the unlink
+    return Path(ballast)
 
 
 @pytest.mark.ray
