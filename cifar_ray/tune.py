@@ -436,10 +436,28 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
         if is_out_of_space(e):
             raise out_of_space(loc.text, then=f" and continue with: cifar-ray tune --resume "
                                f"{loc.text}") from None
+        if _out_of_memory(e):
+            # Ray's memory monitor killed a trial's actor as it started: Tune's controller does
+            # not handle that and stops the sweep. Its state is on disk: the sweep resumes.
+            raise UserError(f"{loc.text}: the sweep stopped because Ray killed trial workers when "
+                            "the machine ran low on memory; finished trials are kept: free some "
+                            f"memory and continue with: cifar-ray tune --resume {loc.text}") from None
         raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether `error` (or what it wraps) is Ray's memory monitor killing workers."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ray.exceptions.OutOfMemoryError) or \
+                "killed due to the node running low on memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,

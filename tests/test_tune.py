@@ -186,6 +186,27 @@ def test_resources_beyond_the_cluster_fail_before_any_trial(ray_local, tmp_path)
         assert not (tmp_path / "o").exists()
 
 
+def test_workers_killed_for_memory_stop_the_sweep_with_one_line(ray_local, tmp_path, monkeypatch):
+    """Ray's memory monitor killing a trial's actor as it starts makes Tune's controller raise
+    (it does not handle that): the sweep ends with one line and the resume command."""
+    from cifar_ray import tune as tune_mod
+
+    class Fit:
+        def fit(self):
+            raise RuntimeError("Caught unexpected exception: 2 worker(s) were killed due to "
+                               "the node running low on memory. Memory on the node ...")
+
+    monkeypatch.setattr(tune_mod, "_tuner", lambda *a, **k: Fit())
+    out = tmp_path / "out"
+    result = tune("--space", write_space(tmp_path / "s.yaml", variants=[{"name": "a"}]),
+                  "--data", DATA, "--out", out)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "ran low on memory" in lines[-1]
+    assert f"cifar-ray tune --resume {out}" in lines[-1]
+    assert not tune_mod._out_of_memory(RuntimeError("some other failure"))
+
+
 def test_out_holding_a_sweep_is_refused(sweep):
     out, _ = sweep
     result = tune("--space", out / "space.yaml", "--out", out)
