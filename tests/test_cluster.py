@@ -334,3 +334,138 @@ def test_image_matches_the_ray_we_test_with():
 
     ours = ".".join(ray.__version__.split(".")[:2])
     assert IMAGE.split(":")[1].startswith(ours + "."), (IMAGE, ray.__version__)
+
+
+# ---------------------------------------------------------------- which nodes a job gets
+# Ray 2.60's own scheduling code, offline, as the autoscaler runs it: a Ray Train worker
+# group is a placement group of one bundle per worker; the autoscaler turns it into
+# resource demands (placement_groups_to_resource_demands) and picks node types for them
+# (get_nodes_for with the default scorer, capped by max_workers). Not checked: what the
+# cloud then has (quota, spot capacity), which no offline test can see.
+
+def v1_nodes(config: dict, bundles: list[dict], strategy: str = "PACK",
+             ) -> tuple[dict[str, int], int]:
+    """Node types autoscaler v1 (`ray up`) adds for a placement group on an empty cluster,
+    and how many bundles no node can take."""
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        _default_utilization_scorer, get_nodes_for, placement_groups_to_resource_demands)
+    from ray.core.generated.common_pb2 import Bundle, PlacementStrategy
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+    c = ray_validate(config)
+    pg = PlacementGroupTableData(strategy=PlacementStrategy.Value(strategy),
+                                 bundles=[Bundle(unit_resources=b) for b in bundles])
+    demands, _ = placement_groups_to_resource_demands([pg])
+    nodes, left = get_nodes_for(
+        c["available_node_types"], {}, c["head_node_type"], c["max_workers"], demands,
+        partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({})))
+    return dict(nodes), len(left)
+
+
+def v2_nodes(config: dict, bundle: dict, count: int, failed: tuple[str, ...] = ()) -> dict[str, int]:
+    """Node types autoscaler v2 launches for `count` x `bundle`, after launches of the
+    `failed` types failed just now (its availability scores at 0)."""
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+    from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+    from ray.autoscaler.v2.utils import ResourceRequestUtil
+    from ray.core.generated.autoscaler_pb2 import ResourceRequestByCount
+
+    ac = AutoscalingConfig(copy.deepcopy(config), skip_content_hash=True)
+    unavailable = {t: 0.0 for t in failed}
+    reply = ResourceDemandScheduler(None).schedule(SchedulingRequest(
+        disable_launch_config_check=True, node_type_configs=ac.get_node_type_configs(),
+        max_num_nodes=ac.get_max_num_nodes(),
+        resource_requests=[ResourceRequestByCount(request=ResourceRequestUtil.make(bundle), count=count)],
+        cloud_resource_availabilities=unavailable, recoverable_resource_availabilities=unavailable))
+    out: dict[str, int] = {}
+    for launch in reply.to_launch:
+        out[launch.instance_type] = out.get(launch.instance_type, 0) + launch.count
+    return out
+
+
+@pytest.mark.parametrize("path", VM_CONFIGS, ids=lambda p: p.name)
+def test_spot_first_and_what_happens_when_spot_is_short(path):
+    """What the configs' comments and cluster/README.md say: v1 (`ray up`) puts spot first
+    only because of the names and ignores priority; v2 reads priority and falls back to
+    on demand after a failed spot launch."""
+    c = load(path)
+    one = {"CPU": 3, "GPU": 1}
+    assert v1_nodes(c, [one]) == ({"gpu-1x-spot": 1}, 0)
+    swapped = copy.deepcopy(c)  # priorities the other way round: v1 does not care
+    for name, t in swapped["available_node_types"].items():
+        if name != c["head_node_type"]:
+            t["priority"] = 1 - t["priority"]
+    assert v1_nodes(swapped, [one]) == ({"gpu-1x-spot": 1}, 0)
+    renamed = copy.deepcopy(c)  # ...but names: v1 breaks the tie by the name sorting last
+    types = renamed["available_node_types"]
+    types["gpu-1x-zz-ondemand"] = types.pop("gpu-1x-ondemand")
+    assert v1_nodes(renamed, [one]) == ({"gpu-1x-zz-ondemand": 1}, 0)
+    assert "RAY_enable_autoscaler_v2" not in _head_start(c)  # `ray up` runs v1 here
+
+    assert v2_nodes(c, one, 1) == {"gpu-1x-spot": 1}
+    assert v2_nodes(swapped, one, 1) == {"gpu-1x-ondemand": 1}  # v2 follows priority
+    assert v2_nodes(c, one, 1, failed=("gpu-1x-spot",)) == {"gpu-1x-ondemand": 1}
+
+
+def _job_cpus(workers: int) -> int:
+    """CPUs per worker that jobs/train_ddp.py asks for (see its --cpus-per-worker)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ddp", REPO / "jobs" / "train_ddp.py")
+    import sys
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    return module.WHOLE_NODE_CPUS if workers >= 4 else 3
+
+
+PACKING_ROWS = [(1, None, "PACK"), (2, None, "PACK"), (4, None, "PACK"), (8, None, "PACK"),
+                (4, 3, "PACK"), (4, 3, "STRICT_PACK"), (8, 3, "STRICT_PACK")]
+
+
+def _shown(nodes: dict[str, int], left: int, config: dict) -> str:
+    types = config["available_node_types"]
+    machine = {n: t["node_config"].get("InstanceType") or t["node_config"].get("machineType")
+               for n, t in types.items()}
+    parts = [f"{k} x {machine[n]} ({n.rsplit('-', 1)[1]})" for n, k in sorted(nodes.items())]
+    if left:
+        parts.append("**never placed: no node type fits**")
+    return ", ".join(parts) or "-"
+
+
+def packing_table() -> list[str]:
+    """The table of cluster/README.md, computed with Ray's scheduling code."""
+    aws, gcp = load(CLUSTER / "aws-gpu.yaml"), load(CLUSTER / "gcp-gpu.yaml")
+    lines = ["| DDP workers | CPUs per worker | placement | aws-gpu.yaml gets | gcp-gpu.yaml gets |",
+             "|---|---|---|---|---|"]
+    for workers, cpus, strategy in PACKING_ROWS:
+        cpus_text = f"{cpus}" if cpus else f"{_job_cpus(workers)} (the job's default)"
+        bundles = [{"CPU": cpus or _job_cpus(workers), "GPU": 1}] * workers
+        cells = [_shown(*v1_nodes(c, bundles, strategy), c) for c in (aws, gcp)]
+        lines.append(f"| {workers} | {cpus_text} | {strategy} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def test_packing_table_in_the_readme_is_what_ray_picks():
+    text = (CLUSTER / "README.md").read_text()
+    table = packing_table()
+    missing = [line for line in table if line not in text]
+    assert not missing, "cluster/README.md's packing table differs from Ray's pick:\n" + "\n".join(table)
+
+
+def test_ddp_jobs_get_whole_4_gpu_nodes():
+    """The promise of the configs' comments: 4 workers on one 4-GPU node, 8 on two, with
+    the job's defaults; a 1- or 2-worker job on 1-GPU nodes."""
+    for path in VM_CONFIGS:
+        c = load(path)
+        for workers, nodes in ((1, {"gpu-1x-spot": 1}), (2, {"gpu-1x-spot": 2}),
+                               (4, {"gpu-4x-spot": 1}), (8, {"gpu-4x-spot": 2})):
+            got = v1_nodes(c, [{"CPU": _job_cpus(workers), "GPU": 1}] * workers)
+            assert got == (nodes, 0), (path.name, workers, got)
