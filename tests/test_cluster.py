@@ -5,7 +5,9 @@ ports to the internet or carries a credential."""
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -469,3 +471,123 @@ def test_ddp_jobs_get_whole_4_gpu_nodes():
                                (4, {"gpu-4x-spot": 1}), (8, {"gpu-4x-spot": 2})):
             got = v1_nodes(c, [{"CPU": _job_cpus(workers), "GPU": 1}] * workers)
             assert got == (nodes, 0), (path.name, workers, got)
+
+
+# ---------------------------------------------------------------- the docs run as written
+
+READMES = [REPO / "README.md", CLUSTER / "README.md", REPO / "jobs" / "README.md"]
+SHELL_OPERATORS = {">", ">>", "|", "&&", "||", ";", "2>&1", "&"}
+
+
+def ray_lines(path: Path) -> list[list[str]]:
+    """Every `ray ...` command of a markdown file's code blocks (fenced, or indented by 4
+    spaces), continuation lines joined, as words up to a comment or a shell operator."""
+    commands, pending, fenced = [], None, False
+    for raw in path.read_text().splitlines():
+        if raw.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        text = raw.strip()
+        if pending is not None:
+            pending += " " + text.rstrip("\\")
+            if not text.endswith("\\"):
+                commands.append(pending)
+                pending = None
+        elif (fenced or raw.startswith("    ")) and re.match(r"ray\s", text):
+            if text.endswith("\\"):
+                pending = text.rstrip("\\")
+            else:
+                commands.append(text)
+    out = []
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        cut = next((i for i, w in enumerate(words) if w in SHELL_OPERATORS), len(words))
+        out.append(words[:cut])
+    return out
+
+
+def ray_cli_parse(words: list[str]) -> tuple[list[str], dict]:
+    """Parse `ray ...` with Ray's own click CLI, down to the subcommand, running nothing:
+    a bad option or argument raises click's UsageError. Returns the command path and the
+    subcommand's parameters."""
+    import click
+    from ray.scripts.scripts import cli
+
+    assert words[0] == "ray"
+    ctx = cli.make_context("ray", list(words[1:]))
+    command, path = cli, ["ray"]
+    while isinstance(command, click.Group):
+        rest = [*getattr(ctx, "_protected_args", ctx.protected_args), *ctx.args]
+        name, command, rest = command.resolve_command(ctx, rest)
+        path.append(name)
+        ctx = command.make_context(name, rest, parent=ctx)
+    return path, ctx.params
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_ray_line_parses(readme, monkeypatch):
+    """Every `ray` command in the READMEs is one Ray 2.60's CLI accepts, naming files that
+    exist; a job's entrypoint and its options are checked too (--dry-run prints its
+    cifar-ray command and stops)."""
+    import runpy
+    import sys
+
+    from ray.runtime_env import RuntimeEnv
+
+    monkeypatch.chdir(REPO)  # the READMEs run everything from the repository root
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    monkeypatch.setenv("CIFAR_RAY_STORAGE", "s3://bucket/prefix")
+    for words in ray_lines(readme):
+        path, params = ray_cli_parse(words)
+        where = f"{readme.name}: {shlex.join(words)}"
+        for key in ("cluster_config_file", "runtime_env"):
+            if params.get(key):
+                assert Path(params[key]).is_file(), where
+        if params.get("runtime_env"):
+            env = yaml.safe_load(Path(params["runtime_env"]).read_text())
+            RuntimeEnv(**{k: v for k, v in env.items() if k != "working_dir"})
+        entrypoint = params.get("entrypoint") or ()
+        if path[1:] == ["job", "submit"]:
+            assert entrypoint[0] == "python" and Path(entrypoint[1]).is_file(), where
+            monkeypatch.setattr(sys, "argv", [entrypoint[1], *entrypoint[2:], "--dry-run"])
+            with pytest.raises(SystemExit) as done:
+                runpy.run_path(entrypoint[1], run_name="__main__")
+            assert done.value.code == 0, where
+    if readme.parent != REPO:
+        assert len(ray_lines(readme)) >= 5
+
+
+def test_the_parser_bites():
+    import click
+
+    with pytest.raises(click.UsageError):
+        ray_cli_parse(["ray", "job", "submit", "--adress", "http://x", "--", "python", "x.py"])
+    with pytest.raises(click.UsageError):
+        ray_cli_parse(["ray", "upp", "cluster/aws-gpu.yaml"])
+    words = ray_lines(REPO / "jobs" / "README.md")
+    assert ["ray", "stop"] in words
+    assert ["ray", "get-auth-token", "--generate"] in words  # `> /dev/null` cut off
+
+
+def test_local_auth_lines_run(tmp_path):
+    """jobs/README.md's local block sets RAY_AUTH_MODE=token in the block itself (since Ray
+    2.59 `ray start` turns token auth on by itself once ~/.ray/auth_token exists, and a
+    client without the variable gets 401), then creates the token: run that part, in a
+    fresh HOME, and see the token file appear. (tests/test_jobs_e2e.py runs a head with
+    token auth and submits every job to it.)"""
+    import subprocess
+    import sys
+
+    text = (REPO / "jobs" / "README.md").read_text()
+    block = text[text.index("## Trying it on your machine"):]
+    assert re.search(r"^    export RAY_AUTH_MODE=token$", block, flags=re.M)
+    assert block.index("export RAY_AUTH_MODE=token") < block.index("ray start --head")
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    done = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    token = (tmp_path / ".ray" / "auth_token").read_text().strip()
+    assert len(token) >= 32 and token == done.stdout.strip()
