@@ -357,7 +357,7 @@ def v1_nodes(config: dict, bundles: list[dict], strategy: str = "PACK",
     from ray.core.generated.common_pb2 import Bundle, PlacementStrategy
     from ray.core.generated.gcs_pb2 import PlacementGroupTableData
 
-    c = ray_validate(config)
+    c = ray_validate(config) if config["provider"]["type"] != "kuberay" else config
     pg = PlacementGroupTableData(strategy=PlacementStrategy.Value(strategy),
                                  bundles=[Bundle(unit_resources=b) for b in bundles])
     demands, _ = placement_groups_to_resource_demands([pg])
@@ -591,3 +591,21 @@ def test_local_auth_lines_run(tmp_path):
     assert done.returncode == 0, done.stderr
     token = (tmp_path / ".ray" / "auth_token").read_text().strip()
     assert len(token) >= 32 and token == done.stdout.strip()
+
+
+def test_kuberay_ddp_jobs_get_whole_4_gpu_pods():
+    """The same promise on KubeRay: its worker groups as node types (a pod's CPU and GPU
+    limits), asked of Ray's v1 node-picking code (KubeRay runs v2, whose bin packing fits
+    these shapes the same way; not checked here)."""
+    (doc,) = _docs("raycluster.yaml")
+    spec = doc["spec"]
+    types = {"head": {"resources": {"CPU": 2}, "max_workers": 0, "min_workers": 0,
+                      "node_config": {}}}
+    for g in spec["workerGroupSpecs"]:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        types[g["groupName"]] = {"resources": {"CPU": int(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])},
+                                 "min_workers": 0, "max_workers": g["maxReplicas"], "node_config": {}}
+    config = {"max_workers": sum(g["maxReplicas"] for g in spec["workerGroupSpecs"]),
+              "provider": {"type": "kuberay"}, "available_node_types": types, "head_node_type": "head"}
+    for workers, pods in ((1, {"gpu-1x": 1}), (2, {"gpu-1x": 2}), (4, {"gpu-4x": 1}), (8, {"gpu-4x": 2})):
+        assert v1_nodes(config, [{"CPU": _job_cpus(workers), "GPU": 1}] * workers) == (pods, 0), workers
