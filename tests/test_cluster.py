@@ -406,6 +406,12 @@ def test_spot_first_and_what_happens_when_spot_is_short(path):
     types["gpu-1x-zz-ondemand"] = types.pop("gpu-1x-ondemand")
     assert v1_nodes(renamed, [one]) == ({"gpu-1x-zz-ondemand": 1}, 0)
     assert "RAY_enable_autoscaler_v2" not in _head_start(c)  # `ray up` runs v1 here
+    by_hand = copy.deepcopy(c)  # the README's switch: spot types at max_workers 0
+    for name, t in by_hand["available_node_types"].items():
+        if name.endswith("-spot"):
+            t["max_workers"] = 0
+    assert v1_nodes(by_hand, [one]) == ({"gpu-1x-ondemand": 1}, 0)
+    assert v1_nodes(by_hand, [{"CPU": 11, "GPU": 1}] * 4) == ({"gpu-4x-ondemand": 1}, 0)
 
     assert v2_nodes(c, one, 1) == {"gpu-1x-spot": 1}
     assert v2_nodes(swapped, one, 1) == {"gpu-1x-ondemand": 1}  # v2 follows priority
@@ -609,3 +615,16 @@ def test_kuberay_ddp_jobs_get_whole_4_gpu_pods():
               "provider": {"type": "kuberay"}, "available_node_types": types, "head_node_type": "head"}
     for workers, pods in ((1, {"gpu-1x": 1}), (2, {"gpu-1x": 2}), (4, {"gpu-4x": 1}), (8, {"gpu-4x": 2})):
         assert v1_nodes(config, [{"CPU": _job_cpus(workers), "GPU": 1}] * workers) == (pods, 0), workers
+
+
+def test_every_placeholder_is_marked_edit():
+    """Each CHANGE-ME (and the AWS/GCP example ids) in a config sits on a line marked EDIT."""
+    placeholders = ("CHANGE-ME", "123456789012", "sg-0123456789abcdef0", "my-project-id")
+    files = [*CLUSTER.glob("*.yaml"), *KUBERAY, *(REPO / "jobs").glob("*.yaml")]
+    seen = 0
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if any(p in line for p in placeholders) and not line.lstrip().startswith("#"):
+                seen += 1
+                assert "# EDIT" in line, f"{path.name}:{number}: {line.strip()}"
+    assert seen >= 10
