@@ -368,7 +368,26 @@ def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str]
         key, value = parse_override(item)
         data = set_dotted(data, key, value)
         from_dict(data, set_flag(item))
-    return from_dict(data)
+    from_dict(data)
+    return from_dict(with_model_recipe(data))
+
+
+def with_model_recipe(data: dict) -> dict:
+    """Config data over its model's default recipe (`models.default_recipe`): a net that the
+    defaults cannot train (no BatchNorm) gets keys it can train with, each unless `data`
+    sets it. Check `data` first: a model that cannot be built gets no recipe here and is
+    refused where it is built, with that place's message."""
+    from cifar_ray.models import default_recipe
+
+    model = data.get("model") or {}
+    try:
+        recipe = default_recipe(model.get("name", ModelConfig.name), **(model.get("args") or {}))
+    except UserError:
+        return data
+    under: dict = {}
+    for key, value in recipe.items():
+        under = set_dotted(under, key, value)
+    return merge(under, data)
 
 
 def replace(cfg: Config, **dotted: Any) -> Config:

@@ -538,6 +538,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
                             num_classes, cfg.train.tta)
             metrics["test_acc"] = test["acc"]
         metrics["eval_seconds"] = time.perf_counter() - t0
+        metrics["chance"] = 1 / num_classes
         history.append(metrics)
         state_fn = None
         if rank == 0:

@@ -20,32 +20,42 @@ def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
     return path, state, cfg, model
 
 
-def split_arrays(cfg: C.Config, data: str, split: str):
-    """The images and labels of `split` of DATA; `val` is the run's own held-out split."""
+def split_arrays(cfg: C.Config, data: str, split: str | None, own: bool):
+    """(dataset, split name, (images, labels)) of DATA. `val` is the run's own held-out
+    split; with no --split, the run's own data gives `val` and other data its test split,
+    or all of it when it has one split only (a plain <class>/<image> folder)."""
     from cifar_ray.data import load, train_val_split
 
     ds = load(data)
+    if split is None:
+        split = "val" if own else ("test" if "test" in ds.splits else "all")
+    if split == "all":
+        return ds, split, ds.splits["train"]
     if split == "test":
         if "test" not in ds.splits:
             raise UserError(f"--data {data}: has no test split; use --split val")
-        return ds, ds.splits["test"]
+        return ds, split, ds.splits["test"]
+    if "train" not in ds.splits:
+        raise UserError(f"--data {data}: holds only a test split; use --split test (or no --split)")
     images, labels = ds.splits["train"]
     if split == "train":
-        return ds, (images, labels)
+        return ds, split, (images, labels)
     _, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
     if len(val_idx) == 0:
         raise UserError(f"{data}: the run used data.val_fraction=0, so it has no validation split")
-    return ds, (images[val_idx], labels[val_idx])
+    return ds, split, (images[val_idx], labels[val_idx])
 
 
-def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str = "val",
+def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str | None = None,
                         tta: bool = False, which: str = "best") -> dict:
-    """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a split."""
+    """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a split (see
+    `split_arrays` for the default)."""
     from cifar_ray.data.loader import DeviceLoader
 
     path, state, cfg, model = load_checkpoint(target, which)
+    own = data is None or data == cfg.data.source
     data = data or cfg.data.source
-    ds, (images, labels) = split_arrays(cfg, data, split)
+    ds, split, (images, labels) = split_arrays(cfg, data, split, own)
     if list(ds.classes) != list(state["classes"]):
         raise UserError(f"--data {data}: its classes {ds.classes} differ from the checkpoint's "
                         f"{state['classes']}; evaluate on the dataset the model was trained on")

@@ -288,6 +288,15 @@ def trial_config(space: Space, settings: Settings, params: dict, where: str = "t
     return C.from_dict(data, where)
 
 
+def base_config(space: Space, settings: Settings, where: str) -> C.Config:
+    """The sweep's base: the space's base with the sweep's own keys, over its model's default
+    recipe (see config.with_model_recipe). Every trial starts from it, so the trials share
+    the base's recipe unless the space varies it."""
+    data = apply(space.base, sweep_overrides(settings, space.base))
+    C.from_dict(data, where)
+    return C.from_dict(C.with_model_recipe(data), where)
+
+
 def seeds(space: Space, settings: Settings) -> list[int]:
     first = C.from_dict(space.base).train.seed
     return [first + i for i in range(settings.seeds)]

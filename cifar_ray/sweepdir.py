@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_ray import config as C
+from cifar_ray import rundir
 from cifar_ray import space as S
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
@@ -38,7 +39,7 @@ TRAIN_DIR = "train"
 EPOCH_FILE = "epoch.json"  # beside state.pt in a trial checkpoint: {"epoch": N}
 _TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-           "seconds", "eval_seconds", "test_acc")
+           "seconds", "eval_seconds", "test_acc", "chance")
 
 
 def is_sweep(path: Path) -> bool:
@@ -69,6 +70,10 @@ class Trial:
     def best_epoch(self) -> int | None:
         scored = [(h["val_acc"], h["epoch"]) for h in self.history if _finite(h.get("val_acc"))]
         return max(scored)[1] if scored else None
+
+    @property
+    def did_not_learn(self) -> bool:
+        return rundir.did_not_learn(self.history)
 
     @property
     def seed(self) -> int:
@@ -115,7 +120,7 @@ def load_space(sweep: Path) -> tuple[S.Space, S.Settings, C.Config]:
         raise UserError(f"{sweep}: not a sweep directory (no {SPACE_FILE})")
     space = S.parse(C.read_yaml(path, "space"), str(path), name=Path(sweep).resolve().name)
     settings = S.resolve_settings(space, {})
-    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), str(path))
+    base = S.base_config(space, settings, str(path))
     return space, settings, base
 
 

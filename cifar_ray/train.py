@@ -38,6 +38,9 @@ def load_split(cfg: C.Config) -> dict:
     from cifar_ray.data import load, stratified_subset, train_val_split
 
     ds = load(cfg.data.source)
+    if "train" not in ds.splits:
+        raise UserError(f"--data {cfg.data.source}: holds only a test split, nothing to train on; "
+                        "give a train/<class>/ tree (a test-only set is for cifar-ray evaluate)")
     images, labels = ds.splits["train"]
     train_idx, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
     if cfg.data.limit:
@@ -198,8 +201,11 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
         ray.init(address=address, log_to_driver=verbose,
                  **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
     else:
+        # Loopback: a private instance serves this machine only (Ray picks the network's
+        # address by default).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                 log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
+                 log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING",
+                 _node_ip_address="127.0.0.1")
 
 
 def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
@@ -272,7 +278,7 @@ class _Console:
                           f" {step}/{steps}")
         self.stream.flush()
 
-    def epoch(self, m: dict) -> None:
+    def epoch(self, m: dict, history: list[dict]) -> None:
         if self.tty:
             self.stream.write("\r\033[K")
         line = (f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} "
@@ -280,6 +286,9 @@ class _Console:
                 f"lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s")
         if "test_acc" in m:
             line += f"  test acc {m['test_acc']:.4f}"
+        if rundir.did_not_learn(history):
+            line += (f"  [still at chance ({m['chance']:.2f}): not learning; try another "
+                     "recipe, e.g. --set optim.name=adamw --lr 0.001]")
         print(line, flush=True)
 
 
@@ -413,7 +422,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
                     stage.push()
                 except UserError as e:  # the store may be back by the next epoch
                     echo(f"warning: {e}")
-                console.epoch(item[1])
+                console.epoch(item[1], rows)
         thread.join()
     except KeyboardInterrupt:
         echo(f"\ninterrupted: stopping workers; the last finished epoch is saved. "
@@ -481,6 +490,7 @@ def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: fl
     }
     if "test_acc" in last:
         summary["test_acc"] = last["test_acc"]
+    summary["did_not_learn"] = rundir.did_not_learn(history)
     rundir.write_summary(out, summary)
     stage.push()
     return summary

@@ -228,6 +228,9 @@ class _Progress(tune.Callback):
             what = f"val acc {r.get('val_acc', float('nan')):.4f} (best {best:.4f}), {epochs}/{self.max_epochs} epochs"
             if state == "stopped":
                 what += ", stopped by ASHA"
+            chance = r.get("chance")
+            if chance is not None and epochs >= 2 and not best >= rundir.LEARNED * chance:
+                what += f", did not learn (never above {rundir.LEARNED:g}x chance)"
         self._say(f"{state:<8} {trial.trial_id}  {self._label(trial)}: {what}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -390,7 +393,7 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
             loc, D.SPACE_FILE) else "files", f"--resume {loc.text}")
     S.check_settings(space, settings)
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
-    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
+    base = S.base_config(space, settings, space.source)
     base = T.absolute_paths(base)
     space = replace(space, base=C.to_dict(base))
     trials = S.check(space, settings)  # every trial's config and model, before anything runs

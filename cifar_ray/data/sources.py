@@ -484,19 +484,19 @@ def _label(where, names, folders, pixels, skipped) -> Decoded:
                             f"add JPEG or PNG images to it or remove it")
         if found:
             classes[split] = sorted(found)
-    if "train" not in classes:
-        raise UserError(f"{where}: there is a test/ split but no train/ split; add train/<class>/ folders")
-    if len(classes["train"]) < 2:
-        raise UserError(f"{where}: found {len(classes['train'])} class folder(s) "
-                        f"({', '.join(classes['train'])}); need at least 2 <class>/ folders of images")
-    if "test" in classes and classes["test"] != classes["train"]:
+    # A test/ split alone is a held-out set: it can be evaluated on, not trained on.
+    names_of = classes.get("train") or classes["test"]
+    if len(names_of) < 2:
+        raise UserError(f"{where}: found {len(names_of)} class folder(s) "
+                        f"({', '.join(names_of)}); need at least 2 <class>/ folders of images")
+    if len(classes) == 2 and classes["test"] != classes["train"]:
         only_train = set(classes["train"]) - set(classes["test"])
         only_test = set(classes["test"]) - set(classes["train"])
         raise UserError(f"{where}: train and test have different classes (only in train: "
                         f"{', '.join(sorted(only_train)) or '-'}; only in test: "
                         f"{', '.join(sorted(only_test)) or '-'}); give both splits the same class folders")
 
-    index = {c: i for i, c in enumerate(classes["train"])}
+    index = {c: i for i, c in enumerate(names_of)}
     paths = np.array(["/".join(p) for p in names])
     labels = np.array([index[p[1]] for p in names], np.int64)
     splits = {}
@@ -506,7 +506,7 @@ def _label(where, names, folders, pixels, skipped) -> Decoded:
         idx = idx[np.argsort(paths[idx], kind="stable")]
         in_order = len(idx) == len(pixels) and np.array_equal(idx, np.arange(len(idx)))
         splits[split] = (pixels if in_order else pixels[idx], labels[idx])  # skip a 150 MB copy
-    return Decoded(classes["train"], splits, skipped)
+    return Decoded(names_of, splits, skipped)
 
 
 # ---------------------------------------------------------------- decoding
