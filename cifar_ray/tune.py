@@ -51,7 +51,7 @@ from cifar_ray import storage
 from cifar_ray import sweepdir as D
 from cifar_ray import train as T
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write
+from cifar_ray.fsutil import atomic_write, is_out_of_space, out_of_space
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (the nested Tune + Train
@@ -363,7 +363,7 @@ def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool =
     write the tables and the report; return the sweep as read back."""
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
-    with storage.Stage(loc) as stage:
+    with storage.claimed(loc), storage.Stage(loc) as stage:  # one writer per folder
         experiment = None
         if resume:
             if not storage.exists(loc, D.SPACE_FILE):
@@ -389,8 +389,8 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     loc, resume = stage.loc, experiment is not None
     if not resume:
         # before the data is prepared and Ray starts
-        storage.check_new(loc, overwrite, lambda: "another sweep" if storage.exists(
-            loc, D.SPACE_FILE) else "files", f"--resume {loc.text}")
+        storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
+                          keep=((space.base.get("data") or {}).get("source"),))
     S.check_settings(space, settings)
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
     base = S.base_config(space, settings, space.source)
@@ -432,6 +432,11 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
         sweep_report(sw)
         stage.push()
         return sw
+    except Exception as e:  # Tune's own writes (experiment state, trial results) on a full disk
+        if is_out_of_space(e):
+            raise out_of_space(loc.text, then=f" and continue with: cifar-ray tune --resume "
+                               f"{loc.text}") from None
+        raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

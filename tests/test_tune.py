@@ -119,8 +119,16 @@ def test_report_ranks_compares_with_noise_and_plots(sweep):
     assert "## Configurations against seed noise" in text
     assert ("Seed-to-seed noise" in text) == (len(full) >= 2)
     assert ("the noise is unknown" in text) == (len(full) < 2)
+    # lr 0 stays at chance: "did not learn" (never 1.5x chance in its 2 epochs), not "worse".
     frozen = next(line for line in text.splitlines() if line.startswith("| variant frozen"))
-    assert "stopped by ASHA (2/2 seeds)" in frozen and "| 0.500 |" in frozen  # its reference
+    stuck = [t for t in read_trials(out) if t["variant"] == "frozen"
+             and float(t["best_val_acc"]) < 0.15]
+    assert ("| did not learn |" in frozen) == (len(stuck) == 2)
+    assert "| 0.500 |" in frozen  # its reference
+    if stuck:
+        assert f"{len(stuck)} did not learn (never above 1.5x chance)" in text
+        assert "did not learn, stopped by ASHA at epoch 2" in text
+        assert "left out of the means" in text
     nan = next(line for line in text.splitlines() if line.startswith("| variant nan"))
     assert "| failed |" in nan
     assert "stopped by ASHA at epoch" in text and "failed: loss became nan" in text
