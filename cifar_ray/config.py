@@ -92,6 +92,7 @@ class ScaleConfig:
     gpu: bool = False  # one GPU per worker
     cpus_per_worker: int = 0  # CPUs reserved per worker (0 = all CPUs / workers, at least 1)
     max_failures: int = 2  # restarts from the last checkpoint after a worker dies
+    placement: str = "PACK"  # the workers' placement group: STRICT_PACK = all on one node
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "scale.placement": ("PACK", "STRICT_PACK", "SPREAD"),
 }
 
 # Upper bounds that only refuse the absurd: a run of 10**12 epochs never ends. Seeds stay in

@@ -306,6 +306,11 @@ def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
     return Resources(workers, per_worker, scale.gpu)
 
 
+def bundles(res: Resources) -> list[dict]:
+    """The workers' resource bundles, as Ray Train asks for them."""
+    return [{"CPU": res.cpus_per_worker, **({"GPU": 1} if res.gpu else {})}] * res.workers
+
+
 def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Location, name: str,
                  queue=None, callbacks=None, resume=None):
     """The TorchTrainer of one run (train and tune both build theirs here), its checkpoints
@@ -322,8 +327,8 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Locatio
                            "checkpoints": None if where.remote else str(Path(where.path) / name)},
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu,
-                                     resources_per_worker={"CPU": res.cpus_per_worker,
-                                                           **({"GPU": 1} if res.gpu else {})}),
+                                     resources_per_worker=bundles(res)[0],
+                                     placement_strategy=cfg.scale.placement),
         run_config=RunConfig(
             name=name, **where.ray_storage(), callbacks=callbacks,
             # Keep the best checkpoint by val accuracy; Ray always keeps the latest too.
@@ -514,6 +519,10 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
     started_ray = not ray.is_initialized()
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
+    if res.gpu:  # each GPU worker's torch, CUDA and driver, before anything is written
+        from cifar_ray.preflight import check_gpus
+
+        check_gpus(bundles(res), cfg.scale.placement, echo)
     if not resume:  # after every check (run): a refusal writes nothing
         storage.make_new(stage.loc)
     C.save_config(cfg, out / "config.yaml")
