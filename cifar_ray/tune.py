@@ -329,7 +329,10 @@ def check_state_api() -> None:
     from ray.util.state.exception import RayStateApiException
 
     try:
-        list_actors(limit=1, timeout=30, raise_on_missing_output=False)
+        # This driver's cluster by its address: left to itself the State API refuses to pick
+        # one when other Rays run on the same machine.
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30,
+                    raise_on_missing_output=False)
     except RayStateApiException:
         raise UserError("--workers-per-trial: the Ray cluster has no dashboard (State API), "
                         "which Ray Train needs to free each finished trial's workers; start "
