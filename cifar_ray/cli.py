@@ -128,10 +128,13 @@ def evaluate(target, data, split, tta, which, as_json):
 
             split = result["split"]
             png = run / f"confusion-{split}.png"
-            plot_confusion(result["confusion"], result["classes"], png,
-                           title=f"{split}: accuracy {result['accuracy']:.4f}")
-            stage.push()
-            result["confusion_png"] = stage.shown(png)
+            try:  # a run on read-only storage is still evaluated: only the picture is lost
+                plot_confusion(result["confusion"], result["classes"], png,
+                               title=f"{split}: accuracy {result['accuracy']:.4f}")
+                stage.push()
+                result["confusion_png"] = stage.shown(png)
+            except UserError as e:
+                click.echo(f"warning: the confusion matrix PNG was not written: {e}", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -9,7 +9,8 @@ import torch
 
 from cifar_ray import config as C
 from cifar_ray import engine, rundir
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, quote
+from cifar_ray.fsutil import refuse_special
 
 
 def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
@@ -79,25 +80,19 @@ def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str 
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 (32,32,3) RGB; other sizes are resized (antialiased)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from cifar_ray.data.sources import open_image
 
     if Path(path).is_dir():
         raise UserError(f"{path}: is a directory; give image files (PNG or JPEG)")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (32, 32):
-                im = im.resize((32, 32), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: cannot decode image (not an image file PIL knows); give a "
-                        "PNG or JPEG file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # A truncated file, a corrupt one, or a decompression bomb (PIL's pixel limit).
-        reason = " ".join(str(e).split())[:120] or e.__class__.__name__
-        raise UserError(f"{path}: cannot decode image ({reason}); give a PNG or JPEG file") from None
+    refuse_special(path)
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such image file")
+    im = open_image(str(path), path, "cannot decode image", "give a PNG or JPEG file")
+    if im.size != (32, 32):
+        im = im.resize((32, 32), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def predict(target: str | Path, images: list[str], top_k: int = 3, tta: bool = False,

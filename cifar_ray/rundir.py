@@ -19,8 +19,14 @@ from pathlib import Path
 
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
+from cifar_ray.storage import Kind
 
 CHECKPOINTS = "checkpoints"
+# What a run folder may hold (train, evaluate and report write it): --overwrite replaces
+# such a folder and no other; ".*.tmp" are the temp files of a killed write (fsutil).
+RUN = Kind("run", ("config.yaml", CHECKPOINTS),
+           ("config.yaml", "metrics.csv", "curves.png", "summary.json", "report.md",
+            "confusion-*.png", CHECKPOINTS, ".*.tmp"))
 STATE_FILE = "state.pt"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 

@@ -29,14 +29,19 @@ from pathlib import Path
 from cifar_ray import config as C
 from cifar_ray import rundir
 from cifar_ray import space as S
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, quote
 from cifar_ray.fsutil import atomic_write
 from cifar_ray.rundir import METRIC_COLUMNS, STATE_FILE
+from cifar_ray.storage import Kind
 
 SPACE_FILE = "space.yaml"
 STATUS_FILE = "status.json"
 TUNE_PREFIX = "tune-"  # DIR/tune-<6 hex>: Ray Tune's experiment
 TRAIN_DIR = "train"
+# What a sweep folder may hold: --overwrite replaces such a folder and no other.
+SWEEP = Kind("sweep", (SPACE_FILE,),
+             (SPACE_FILE, STATUS_FILE, "results.parquet", "trials.csv", "best.yaml", "report.md",
+              "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp"))
 EPOCH_FILE = "epoch.json"  # beside state.pt in a trial checkpoint: {"epoch": N}
 _TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
 
@@ -209,7 +214,7 @@ def _error_reason(trial_dir: Path) -> str:
     if not err.is_file():
         return ""
     lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "error"
+    return quote(lines[-1], 300) if lines else "error"
 
 
 def _trial_dirs(root: Path) -> dict[str, list[Path]]:
