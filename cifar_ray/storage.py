@@ -34,7 +34,9 @@ from cifar_ray.fsutil import LOCK, atomic_write, check_writable_dir, claimed as 
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")  # URIs whose first part is a bucket
-LAZY = "state.pt"  # rundir.STATE_FILE (rundir imports this module): checkpoint payloads: pulled as empty stand-ins, fetched when read
+# Checkpoint payloads (rundir.STATE_FILE; rundir imports this module): pulled as empty
+# stand-ins, fetched when read.
+LAZY = "state.pt"
 # One filesystem per URI and process: S3's may have asked the bucket's region.
 _from_uri = functools.lru_cache(maxsize=64)(pafs.FileSystem.from_uri)
 

@@ -57,7 +57,8 @@ from cifar_ray.fsutil import atomic_write, is_out_of_space, out_of_space
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (nested Tune + Train
 # deadlocks when trial drivers hold every CPU), and the concurrency cap keeps every running
-# trial's workers within the cluster. (A 0.1 CPU share would keep 2 workers x 1 CPU off a 2-CPU machine.)
+# trial's workers within the cluster. (A 0.1 CPU share would keep 2 workers x 1 CPU off a
+# 2-CPU machine.)
 # Ray wants a non-empty reservation, so the driver reserves the memory it does use.
 TRIAL_DRIVER = {"cpu": 0, "memory": 256 * 1024**2}
 ASHA_FILE = "asha.json"  # inside Tune's experiment folder: the scheduler's rung records
