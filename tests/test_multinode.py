@@ -1,0 +1,180 @@
+"""cifar-ray on a real Ray cluster of several nodes, all on this machine: a head with no CPUs
+and two 1-CPU worker nodes (`ray.cluster_utils.Cluster`; each node its own raylet, object
+store and worker processes), every node on 127.0.0.1, Ray's files in a private temp dir, and
+the cluster stopped by its own handle (never a machine-wide `ray stop`). The drivers are
+real `cifar-ray` processes that join it through RAY_ADDRESS, as `ray job submit` would.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_ray import rundir
+from cifar_ray.train import loopback
+from test_train import DETERMINISTIC, TINY_SPEC
+
+pytestmark = pytest.mark.ray
+
+LOOPBACK = "127.0.0.1"
+RUN = ["--data", "synthetic:400", "--batch-size", 64, "--lr", 0.05, "--epochs", 2,
+       "--workers", 2, "--set", "scale.cpus_per_worker=1"]
+
+
+class Nodes:
+    """The test cluster and what the tests need of it."""
+
+    def __init__(self, tmp: str):
+        from ray.cluster_utils import Cluster
+
+        self.tmp = tmp
+        os.makedirs(f"{tmp}/ray")  # Ray's default temp dir under RAY_TMPDIR
+        with loopback():
+            self.cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
+                "num_cpus": 0, "node_ip_address": LOOPBACK, "temp_dir": f"{tmp}/ray",
+                "include_dashboard": False})
+        assert self.cluster.address.startswith(LOOPBACK + ":"), self.cluster.address
+        self.workers = [self.add() for _ in range(2)]
+
+    def add(self):
+        with loopback():
+            node = self.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def holding(self, pid: int):
+        """The worker node whose raylet started process `pid` (Ray workers are its children)."""
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return next(n for n in self.workers
+                    if n.all_processes["raylet"][0].process.pid == ppid)
+
+    def lose(self, node) -> None:
+        """The node gone at once, as a preempted machine: every process of it killed."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+
+    def env(self, fault: str = "", fault_dir: Path | None = None) -> dict:
+        env = {**os.environ, "RAY_ADDRESS": self.cluster.address, "RAY_TMPDIR": self.tmp,
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        if fault:
+            env.update(CIFAR_RAY_FAULT=fault, CIFAR_RAY_FAULT_DIR=str(fault_dir))
+        return env
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    pytest.importorskip("ray")
+    tmp = tempfile.mkdtemp(prefix="crm-")  # short: Ray's socket paths live under it
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    os.environ["RAY_TMPDIR"] = tmp  # Ray's address file goes here, not into /tmp/ray
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster = None
+    try:
+        cluster = Nodes(tmp)
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_SPEC)
+    return str(path)
+
+
+def cli(args: list, env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "cifar_ray", *map(str, args)], env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log.read_text()
+
+
+def wait_for_pid(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the driver ended before anything reached {path.stem}"
+        try:
+            return int(path.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    pytest.fail(f"nothing reached {path.stem} in {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    """The reference: the same run on a local Ray that `cifar-ray train` starts itself."""
+    tmp = tmp_path_factory.mktemp("one-node")
+    (tmp / "tiny.yaml").write_text(TINY_SPEC)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cro-")
+    try:
+        log = tmp / "log.txt"
+        out = finish(cli(["train", "--model", tmp / "tiny.yaml", *RUN, "--out", tmp / "run"],
+                         env, log), log)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert "epoch   2/2" in out, out
+    return tmp / "run"
+
+
+def test_a_local_run_listens_on_loopback_and_says_where_it_ran(one_node):
+    summary = json.loads((one_node / "summary.json").read_text())
+    workers = summary["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert {w["node_ip"] for w in workers} == {LOOPBACK}  # not the machine's interface
+    assert len({w["node_id"] for w in workers}) == 1 and workers[0]["node_id"]
+    assert {w["device"] for w in workers} == {"cpu"} and "gpu" not in workers[0]
+
+
+def test_ddp_across_nodes_survives_a_lost_node_and_matches_one_node(nodes, one_node, spec,
+                                                                    tmp_path):
+    """Two workers on two nodes (the head has no CPU); the node of rank 1 is killed in the
+    middle of epoch 2 and a new node joins: Ray Train restarts the group from the epoch-1
+    checkpoint, the run ends with one row per epoch, and its metrics are the one-node run's."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    driver = cli(["train", "--model", spec, *RUN, "--out", out],
+                 nodes.env("train-step:rank=1:epoch=2:step=2", tmp_path), log)
+    try:
+        lost = nodes.holding(wait_for_pid(tmp_path / "train-step.pid", driver))
+        nodes.lose(lost)
+        nodes.workers.append(nodes.add())  # the replacement
+    except BaseException:
+        driver.kill()
+        raise
+    text = finish(driver, log)
+    assert driver.returncode == 0, text
+    rows = rundir.read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    ref = rundir.read_metrics(one_node / "metrics.csv")
+    for row, want in zip(rows, ref):
+        for key in DETERMINISTIC:
+            assert row[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (key, row, want)
+    workers = json.loads((out / "summary.json").read_text())["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert len({w["node_id"] for w in workers}) == 2  # one worker per node: gloo between nodes
+    assert lost.node_id not in {w["node_id"] for w in workers}
+    assert {w["node_ip"] for w in workers} == {LOOPBACK}
