@@ -470,6 +470,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
     """The Ray part of `run`: start the trainer, follow it, write the run's files."""
     import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     out = stage.local  # the run directory, or its local stage when it is a URI
     started_ray = not ray.is_initialized()
@@ -490,7 +491,9 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
         resume_ref = ray.put(newest)
         del newest
     console = _Console(cfg.train.epochs)
-    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    # On the driver's node: the workers' node may be lost, and the queue with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = make_trainer(cfg, ray.put(arrays), res, stage.loc, RUN_NAME, queue=queue,
                            resume=resume_ref)
     arrays.clear()  # the object store holds the one copy now (the caller's dict is this one)

@@ -21,8 +21,6 @@ from cifar_ray import rundir
 from cifar_ray.train import loopback
 from test_train import DETERMINISTIC, TINY_SPEC
 
-pytestmark = pytest.mark.ray
-
 LOOPBACK = "127.0.0.1"
 RUN = ["--data", "synthetic:400", "--batch-size", 64, "--lr", 0.05, "--epochs", 2,
        "--workers", 2, "--set", "scale.cpus_per_worker=1"]
@@ -141,6 +139,7 @@ def one_node(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.ray
 def test_a_local_run_listens_on_loopback_and_says_where_it_ran(one_node):
     summary = json.loads((one_node / "summary.json").read_text())
     workers = summary["workers"]
@@ -150,6 +149,7 @@ def test_a_local_run_listens_on_loopback_and_says_where_it_ran(one_node):
     assert {w["device"] for w in workers} == {"cpu"} and "gpu" not in workers[0]
 
 
+@pytest.mark.ray
 def test_ddp_across_nodes_survives_a_lost_node_and_matches_one_node(nodes, one_node, spec,
                                                                     tmp_path):
     """Two workers on two nodes (the head has no CPU); the node of rank 1 is killed in the
@@ -157,7 +157,7 @@ def test_ddp_across_nodes_survives_a_lost_node_and_matches_one_node(nodes, one_n
     checkpoint, the run ends with one row per epoch, and its metrics are the one-node run's."""
     out, log = tmp_path / "run", tmp_path / "log.txt"
     driver = cli(["train", "--model", spec, *RUN, "--out", out],
-                 nodes.env("train-step:rank=1:epoch=2:step=2", tmp_path), log)
+                 nodes.env("train-step:rank=1:epoch=2:step=1", tmp_path), log)
     try:
         lost = nodes.holding(wait_for_pid(tmp_path / "train-step.pid", driver))
         nodes.lose(lost)
@@ -178,3 +178,66 @@ def test_ddp_across_nodes_survives_a_lost_node_and_matches_one_node(nodes, one_n
     assert len({w["node_id"] for w in workers}) == 2  # one worker per node: gloo between nodes
     assert lost.node_id not in {w["node_id"] for w in workers}
     assert {w["node_ip"] for w in workers} == {LOOPBACK}
+
+
+@pytest.mark.ray
+def test_a_run_folder_another_node_does_not_see_is_refused(nodes, spec, tmp_path):
+    """A node whose view of the run folder's parent is its own (a private mount namespace
+    with an empty tmpfs there, as a machine with its own disk): refused with one line before
+    anything is written, naming the folder and suggesting a bucket."""
+    private = tmp_path / "private"
+    private.mkdir()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    start = (f"mount -t tmpfs none {private} && exec {ray_bin} start --block "
+             f"--address={nodes.cluster.address} --node-ip-address={LOOPBACK} --num-cpus=0")
+    before = len(nodes.cluster.global_state._live_node_ids())
+    blind = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", start],
+                             env={**nodes.env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(nodes.cluster.global_state._live_node_ids()) == before:
+            if blind.poll() is not None:
+                pytest.skip("no private mount namespace here (unshare needs CAP_SYS_ADMIN)")
+            assert time.monotonic() < deadline, "the blind node never joined"
+            time.sleep(0.5)
+        log = tmp_path / "log.txt"
+        driver = cli(["train", "--model", spec, *RUN, "--out", private / "run"], nodes.env(), log)
+        text = finish(driver, log)
+        assert driver.returncode == 2, text
+        assert text.strip().splitlines()[-1].startswith(
+            f"error: --out {private / 'run'}: a folder that 1 of the Ray cluster's 4 nodes"), text
+        assert "do not see" in text and "s3://" in text and "Traceback" not in text
+        assert not (private / "run").exists() and list(private.iterdir()) == []
+    finally:
+        os.killpg(blind.pid, signal.SIGTERM)  # `ray start --block` stops its node
+        try:
+            blind.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(blind.pid, signal.SIGKILL)
+            blind.wait()
+
+
+# ---------------------------------------------------------------- no Ray needed
+
+def test_the_config_carries_a_spec_files_layers(spec, tmp_path):
+    """What a worker on another node builds from: the layers, read once by the driver."""
+    import torch
+
+    from cifar_ray import config as C
+    from cifar_ray import engine
+    from cifar_ray import space as S
+    from cifar_ray.train import absolute_paths
+
+    cfg = absolute_paths(C.load_config(overrides=[f"model.name={spec}"]))
+    assert cfg.model.name == spec and len(cfg.model.spec) == 5
+    Path(spec).unlink()  # a node without the file
+    model = engine.build_model(cfg, 10, torch.device("cpu"))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # a registered name in place of the file: the file's layers are not this model's
+    named = absolute_paths(C.replace(cfg, model__name="seed-small"))
+    assert named.model.spec == []
+    # a sweep's variant naming another model starts without the base's layers
+    data = S.apply(C.to_dict(cfg), {"model.name": "cnn"})
+    assert data["model"]["spec"] == [] and data["model"]["args"] == {}
