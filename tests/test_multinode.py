@@ -187,19 +187,25 @@ def test_a_run_folder_another_node_does_not_see_is_refused(nodes, spec, tmp_path
     anything is written, naming the folder and suggesting a bucket."""
     private = tmp_path / "private"
     private.mkdir()
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    start = (f"mount -t tmpfs none {private} && exec {ray_bin} start --block "
-             f"--address={nodes.cluster.address} --node-ip-address={LOOPBACK} --num-cpus=0")
+    join = ("import signal, sys, ray._private.node as N, ray._private.parameter as P; "
+            "from cifar_ray.train import loopback\n"
+            "with loopback(): N.Node(P.RayParams(gcs_address=sys.argv[1], node_ip_address="
+            "'127.0.0.1', num_cpus=0, min_worker_port=0, max_worker_port=0, node_manager_port=0,"
+            " include_log_monitor=False, object_store_memory=100 * 2**20), head=False)\n"
+            "signal.pause()")
+    start = (f"mount -t tmpfs none {private} && exec {sys.executable} -c \"$0\" "
+             f"{nodes.cluster.address}")
     before = len(nodes.cluster.global_state._live_node_ids())
-    blind = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", start],
-                             env={**nodes.env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    blind = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", start,
+                              join], env=nodes.env(),
+                             stdout=open(tmp_path / "blind.txt", "w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while len(nodes.cluster.global_state._live_node_ids()) == before:
             if blind.poll() is not None:
-                pytest.skip("no private mount namespace here (unshare needs CAP_SYS_ADMIN)")
+                pytest.skip("no node with a private mount namespace here (unshare needs "
+                            "CAP_SYS_ADMIN): " + (tmp_path / "blind.txt").read_text()[-300:])
             assert time.monotonic() < deadline, "the blind node never joined"
             time.sleep(0.5)
         log = tmp_path / "log.txt"
@@ -211,12 +217,15 @@ def test_a_run_folder_another_node_does_not_see_is_refused(nodes, spec, tmp_path
         assert "do not see" in text and "s3://" in text and "Traceback" not in text
         assert not (private / "run").exists() and list(private.iterdir()) == []
     finally:
-        os.killpg(blind.pid, signal.SIGTERM)  # `ray start --block` stops its node
-        try:
-            blind.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(blind.pid, signal.SIGKILL)
-            blind.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the node's processes, all in its group
+            try:
+                os.killpg(blind.pid, sig)
+                blind.wait(timeout=30)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                pass
 
 
 # ---------------------------------------------------------------- no Ray needed
