@@ -181,6 +181,37 @@ def test_ddp_across_nodes_survives_a_lost_node_and_matches_one_node(nodes, one_n
 
 
 @pytest.mark.ray
+def test_a_sweep_loses_no_trial_with_a_node(nodes, spec, tmp_path):
+    """Two trials at once, one per node; the node of one is killed after its epoch 1 and a
+    new node joins: the trial restarts from its checkpoint there, both trials run every
+    epoch, and trials.csv says on which node each ran."""
+    import csv
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"base: {{model: {{name: {spec}}}, train: {{epochs: 2, batch_size: 64}}}}\n"
+                     "grid: {optim.lr: [0.04, 0.05]}\n")
+    out, log = tmp_path / "sweep", tmp_path / "log.txt"
+    driver = cli(["tune", "--space", space, "--data", "synthetic:400", "--grace", 2,
+                  "--cpus-per-trial", 1, "--concurrent", 2, "--out", out],
+                 nodes.env("trial-epoch:lr=0.05:epoch=1", tmp_path), log)
+    try:
+        lost = nodes.holding(wait_for_pid(tmp_path / "trial-epoch.pid", driver))
+        nodes.lose(lost)
+        nodes.workers.append(nodes.add())
+    except BaseException:
+        driver.kill()
+        raise
+    text = finish(driver, log)
+    assert driver.returncode == 0, text
+    with open(out / "trials.csv", newline="") as f:
+        trials = {row["optim.lr"]: row for row in csv.DictReader(f)}
+    assert set(trials) == {"0.04", "0.05"}
+    assert [(t["status"], t["epochs"]) for t in trials.values()] == [("done", "2")] * 2
+    assert trials["0.05"]["node_id"] not in ("", lost.node_id)
+    assert all(len(t["node_id"]) == 56 for t in trials.values())
+
+
+@pytest.mark.ray
 def test_a_run_folder_another_node_does_not_see_is_refused(nodes, spec, tmp_path):
     """A node whose view of the run folder's parent is its own (a private mount namespace
     with an empty tmpfs there, as a machine with its own disk): refused with one line before
