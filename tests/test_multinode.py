@@ -281,3 +281,111 @@ def test_the_config_carries_a_spec_files_layers(spec, tmp_path):
     # a sweep's variant naming another model starts without the base's layers
     data = S.apply(C.to_dict(cfg), {"model.name": "cnn"})
     assert data["model"]["spec"] == [] and data["model"]["args"] == {}
+
+
+# ---------------------------------------------------------------- autoscaling from zero
+
+@pytest.mark.ray
+def test_the_smoke_job_scales_the_local_cluster_from_zero_and_back(tmp_path):
+    """cluster/local.yaml on Ray's fake_multinode provider: the smoke DDP job (2 workers)
+    submitted with `ray job submit` to a head without CPUs; the autoscaler adds two worker
+    nodes, the job succeeds, and the nodes are gone after the idle timeout. (The test's copy
+    of the config: a free port, a 6 s idle timeout, and no 4-slot types, which would take
+    both workers on one node.)"""
+    import yaml
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_nodes
+
+    from test_jobs_e2e import RAY, _free_ports
+
+    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
+    conf = yaml.safe_load(Path("cluster/local.yaml").read_text())
+    conf["provider"]["gcs_address"] = f"{LOOPBACK}:{gcs}"
+    conf["idle_timeout_minutes"] = 0.1
+    for name in ("gpu-4x-spot", "gpu-4x-ondemand"):
+        conf["available_node_types"][name]["max_workers"] = 0
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(conf))
+    ray_tmp = tempfile.mkdtemp(prefix="cra-")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "RAY_FAKE_CLUSTER": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_TMPDIR": ray_tmp,
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "CIFAR_RAY_STORAGE": str(tmp_path / "storage"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs}",
+         "--num-cpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--metrics-export-port={metrics}", f"--autoscaling-config={tmp_path / 'local.yaml'}",
+         f"--temp-dir={ray_tmp}/ray"], env=env, stdout=open(tmp_path / "head.txt", "w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{dash}"
+
+    def workers() -> int:
+        try:
+            return sum(1 for n in list_nodes(address=api, raise_on_missing_output=False)
+                       if n.state == "ALIVE" and not n.is_head_node)
+        except Exception:  # the dashboard not up yet
+            return -1
+
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([RAY, "job", "list", "--address", api], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, (tmp_path / "head.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the head never served jobs"
+            time.sleep(2)
+        assert workers() == 0  # from zero
+        submit = [RAY, "job", "submit", "--address", api, "--submission-id", "smoke",
+                  "--no-wait", "--working-dir", ".", "--runtime-env", "jobs/runtime_env.local.yaml",
+                  "--", "python", "jobs/train_ddp.py", "--smoke", "--workers", "2", "--cpu",
+                  "--no-resource-check"]
+        t0 = time.monotonic()
+        while (sent := subprocess.run(submit, env=env, capture_output=True, text=True)).returncode:
+            assert "No available agent" in sent.stdout + sent.stderr, sent.stdout + sent.stderr
+            assert time.monotonic() - t0 < 120, "the head's job agent never came up"
+            time.sleep(2)  # the head's agent starts after its job server
+        t0 = time.monotonic()
+        client = JobSubmissionClient(api)
+        most, up_s, busy, gone = 0, None, None, None  # seconds since submit
+
+        def watch() -> None:
+            nonlocal most, up_s, busy, gone
+            n, now = workers(), time.monotonic() - t0
+            most = max(most, n)
+            if n >= 2:
+                up_s = now if up_s is None else up_s
+                busy, gone = now, None
+            elif n == 0 and busy is not None and gone is None:
+                gone = now
+
+        while (status := client.get_job_status("smoke")) not in (
+                JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            watch()
+            assert time.monotonic() - t0 < 400, "the job did not end"
+            time.sleep(1)
+        text = client.get_job_logs("smoke")
+        assert status == JobStatus.SUCCEEDED, text[-4000:]
+        ended = time.monotonic() - t0
+        while gone is None:
+            watch()
+            assert time.monotonic() - t0 - ended < 120, "the idle nodes were not removed"
+            time.sleep(1)
+        assert most == 2, text[-2000:]
+        print(f"\nautoscaling: 2 worker nodes {up_s:.0f} s after submit; the job ended at "
+              f"{ended:.0f} s; both nodes gone at {gone:.0f} s ({gone - busy:.0f} s after they "
+              "were last seen)")
+        summary = json.loads(next((tmp_path / "storage").rglob("summary.json")).read_text())
+        assert len({w["node_id"] for w in summary["workers"]}) == 2
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes
+            head.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
