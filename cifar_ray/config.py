@@ -37,8 +37,8 @@ class ModelConfig:
     name: str = "seed-vgg-bn"  # a registered model name or a path to a layer-spec YAML file
     args: dict = field(default_factory=dict)  # keyword overrides for the model family
     # The layers of the spec file `name` names, read by the driver: every worker builds the
-    # model from these, on any node, whether or not the file is there (empty for a name).
-    spec: list = field(default_factory=list)
+    # model from these, on any node, whether or not the file is there.
+    spec: list = field(default_factory=list)  # layer dicts (empty for a registered name)
 
 
 @dataclass(frozen=True)

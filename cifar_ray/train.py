@@ -225,29 +225,34 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
         fault_env = faults.env()  # tests only
         # A cluster on 127.0.0.1 (all its nodes on this machine): Ray would resolve the
         # address to the machine's network address, where it does not listen.
-        on_loopback = address.split("://")[-1].startswith((LOOPBACK, "localhost"))
-        with loopback() if on_loopback else contextlib.nullcontext():
-            ray.init(address=address, log_to_driver=verbose,
-                     **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
+        if address.split("://")[-1].startswith((LOOPBACK, "localhost")):
+            from ray._private import ray_constants
+
+            os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+        ray.init(address=address, log_to_driver=verbose,
+                 **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
     else:
         init_local(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=verbose,
                    logging_level="INFO" if verbose else "WARNING")
 
 
 def init_local(**kwargs) -> None:
-    """`ray.init(address="local", **kwargs)` listening on 127.0.0.1 only (see `loopback`)."""
+    """`ray.init(address="local", **kwargs)` listening on 127.0.0.1 only (see `loopback`).
+    The process stays in Ray's single-machine mode afterwards: its Ray clients (the State
+    API, ...) would otherwise turn 127.0.0.1 into the machine's address too."""
     import ray
+    from ray._private import ray_constants
 
-    with loopback():
-        ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
+    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
 
 
 @contextlib.contextmanager
 def loopback():
-    """While Ray starts nodes in this block, they listen on 127.0.0.1 only: nothing of a
-    local Ray on the machine's network. Ray turns a loopback node address into the machine's
-    unless it is in its single-machine mode, which one variable turns on (read by the
-    processes Ray starts, and by this one's Ray at import: its copy is set too)."""
+    """While Ray starts nodes in this block (the tests' clusters), they listen on 127.0.0.1
+    only: nothing of a local Ray on the machine's network. Ray turns a loopback node address
+    into the machine's unless it is in its single-machine mode, which one variable turns on
+    (read by the processes Ray starts, and by this one's Ray at import: its copy is set too)."""
     from ray._private import ray_constants
 
     saved = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER

@@ -331,7 +331,8 @@ def check_state_api() -> None:
     from ray.util.state.exception import RayStateApiException
 
     try:
-        list_actors(limit=1, timeout=30, raise_on_missing_output=False)
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30,
+                    raise_on_missing_output=False)
     except RayStateApiException:
         raise UserError("--workers-per-trial: the Ray cluster has no dashboard (State API), "
                         "which Ray Train needs to free each finished trial's workers; start "

@@ -132,7 +132,7 @@ def test_a_spec_file_travels_with_the_run(ray_local, tmp_path, monkeypatch):
     plan = T.plan_resources
 
     def plan_then_lose_the_spec(*args, **kwargs):  # after every check of the driver's
-        spec.unlink()
+        spec.unlink(missing_ok=True)
         return plan(*args, **kwargs)
 
     monkeypatch.setattr(T, "plan_resources", plan_then_lose_the_spec)
