@@ -106,7 +106,9 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
 @main.command()
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
 @click.option("--data", help="Dataset (default: the one the run trained on).")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["test", "val", "train"]),
+              help="Default: val on the run's own data; on other --data its test split, "
+                   "or all of it when it has no splits (a plain <class>/<image> folder).")
 @click.option("--tta", is_flag=True, help="Test-time augmentation (flip + 1-pixel shifts).")
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which checkpoint of a run directory.")
@@ -124,11 +126,15 @@ def evaluate(target, data, split, tta, which, as_json):
         if run.is_dir() and (run / "config.yaml").is_file():
             from cifar_ray.report import plot_confusion
 
+            split = result["split"]
             png = run / f"confusion-{split}.png"
-            plot_confusion(result["confusion"], result["classes"], png,
-                           title=f"{split}: accuracy {result['accuracy']:.4f}")
-            stage.push()
-            result["confusion_png"] = stage.shown(png)
+            try:  # a run on read-only storage is still evaluated: only the picture is lost
+                plot_confusion(result["confusion"], result["classes"], png,
+                               title=f"{split}: accuracy {result['accuracy']:.4f}")
+                stage.push()
+                result["confusion_png"] = stage.shown(png)
+            except UserError as e:
+                click.echo(f"warning: the confusion matrix PNG was not written: {e}", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from cifar_ray.errors import UserError, finite_number, shown
-from cifar_ray.fsutil import atomic_write
+from cifar_ray.errors import UserError, finite_number, quote, shown
+from cifar_ray.fsutil import atomic_write, refuse_special
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -95,6 +95,7 @@ class ScaleConfig:
     gpu: bool = False  # one GPU per worker
     cpus_per_worker: int = 0  # CPUs reserved per worker (0 = all CPUs / workers, at least 1)
     max_failures: int = 2  # restarts from the last checkpoint after a worker dies
+    placement: str = "PACK"  # the workers' placement group: STRICT_PACK = all on one node
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "scale.placement": ("PACK", "STRICT_PACK", "SPREAD"),
 }
 
 # Upper bounds that only refuse the absurd: a run of 10**12 epochs never ends. Seeds stay in
@@ -197,6 +199,8 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
             try:
+                if _rounds_away(value, float(value)):
+                    raise bad("a number a float can hold (it rounds to 0 or to infinity)")
                 value = float(value)
             except ValueError:
                 pass
@@ -204,6 +208,8 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
     elif tp is str:
         if not isinstance(value, str):
             raise bad("a string")
+        if not value.strip():
+            raise bad("a non-empty string")
         if key in CHOICES and value not in CHOICES[key]:
             raise bad("one of " + " | ".join(CHOICES[key]))
     elif tp is dict:
@@ -296,12 +302,62 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, yaml_value(raw, set_flag(item))
 
 
+def _rounds_away(text: str, number: float) -> bool:
+    """True when the number written as `text` is not the float it became: a nonzero one
+    that rounds to 0 (1e-400) or a finite one that overflows to infinity (1e400)."""
+    mantissa = text.strip().lower().split("e")[0]
+    if number == 0:
+        return any(c in "123456789" for c in mantissa)
+    return number in (float("inf"), float("-inf")) and "inf" not in text.lower()
+
+
+class _Meaning(yaml.YAMLError):
+    """YAML that parses but would not mean what was written (see _Loader)."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what it would silently change: a key given twice in
+    one mapping (PyYAML keeps the last) and a number that rounds to 0 or to infinity."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if duplicate:
+                raise _Meaning(f"the key {shown(key)} is given twice (a later one would silently "
+                               "win)", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_float(self, node):
+        number = super().construct_yaml_float(node)
+        if _rounds_away(node.value.replace("_", ""), number):
+            raise _Meaning(f"the number {node.value} rounds to {number} as a float",
+                           node.start_mark)
+        return number
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+
+
 def yaml_value(raw: str, where: str) -> Any:
     """A --set value read as YAML (1e-3, true, [1, 2]); text that is not YAML stays text."""
     try:
-        return yaml.safe_load(raw) if raw.strip() else ""
+        return yaml.load(raw, _Loader) if raw.strip() else ""
     except RecursionError:  # PyYAML recurses once per nesting level
         raise UserError(f"{where}: the value is nested too deeply; give a plain value") from None
+    except _Meaning as e:
+        raise UserError(f"{where}: {e.problem}; write what you mean") from None
     except Exception:  # YAMLError, or a constructor's own (e.g. the date 2024-13-45)
         return raw
 
@@ -314,13 +370,17 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
         if storage.is_uri(path):
             text = storage.read_bytes(storage.locate(path), "").decode()
         else:
+            refuse_special(path)
             text = Path(path).read_text()
     except OSError as e:
         raise UserError(f"{path}: cannot read {what}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: cannot read {what}: not a UTF-8 text file; give a YAML file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, _Loader)
+    except _Meaning as e:
+        raise UserError(f"{path}: {e.problem} at line {e.problem_mark.line + 1}; fix the file"
+                        ) from None
     except yaml.constructor.ConstructorError as e:  # e.g. !!python/object: plain data only
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -334,7 +394,7 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
     except RecursionError:  # PyYAML recurses once per nesting level
         raise UserError(f"{path}: {what} nested too deeply to read; fix the file") from None
     except Exception as e:  # a constructor's own error, e.g. the date 2024-13-45
-        reason = " ".join(str(e).split())[:100]
+        reason = quote(e, 100)
         raise UserError(f"{path}: a value YAML cannot build ({reason}); fix the file") from None
 
 
@@ -349,6 +409,7 @@ def config_path(name_or_path: str) -> Path | str:
     if storage.is_uri(name_or_path):
         return name_or_path
     p = Path(name_or_path)
+    refuse_special(p)
     if p.is_file():
         return p
     preset = PRESET_DIR / f"{name_or_path}.yaml"
@@ -373,7 +434,26 @@ def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str]
         key, value = parse_override(item)
         data = set_dotted(data, key, value)
         from_dict(data, set_flag(item))
-    return from_dict(data)
+    from_dict(data)
+    return from_dict(with_model_recipe(data))
+
+
+def with_model_recipe(data: dict) -> dict:
+    """Config data over its model's default recipe (`models.default_recipe`): a net that the
+    defaults cannot train (no BatchNorm) gets keys it can train with, each unless `data`
+    sets it. Check `data` first: a model that cannot be built gets no recipe here and is
+    refused where it is built, with that place's message."""
+    from cifar_ray.models import default_recipe
+
+    model = data.get("model") or {}
+    try:
+        recipe = default_recipe(model.get("name", ModelConfig.name), **(model.get("args") or {}))
+    except UserError:
+        return data
+    under: dict = {}
+    for key, value in recipe.items():
+        under = set_dotted(under, key, value)
+    return merge(under, data)
 
 
 def replace(cfg: Config, **dotted: Any) -> Config:

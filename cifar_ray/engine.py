@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -409,15 +410,23 @@ def save_state(state: dict, path) -> None:
 
 def load_state(path) -> dict:
     """Load a checkpoint with `weights_only=True`: foreign objects are refused, never run."""
-    from cifar_ray.errors import UserError
+    import warnings
+
+    from cifar_ray.errors import UserError, quote
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: ours says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint file") from None
     except Exception as e:  # unpickling errors, truncated zip, foreign globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable cifar-ray checkpoint ({first[:200]})") from None
+        # torch's text for a foreign object opens with how to load it anyway (unsafely);
+        # what matters is its last part, the object it refused.
+        refused = re.search(r"WeightsUnpickler error: (.*?\.)(\s|$)", str(e))
+        reason = (f"{refused[1]} cifar-ray reads tensors and plain data only and never runs "
+                  "code from a checkpoint" if refused else quote(e))
+        raise UserError(f"{path}: not a readable cifar-ray checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a cifar-ray checkpoint (format {STATE_FORMAT} expected)")
     problem = _state_problem(state)
@@ -538,6 +547,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
                             num_classes, cfg.train.tta)
             metrics["test_acc"] = test["acc"]
         metrics["eval_seconds"] = time.perf_counter() - t0
+        metrics["chance"] = 1 / num_classes
         history.append(metrics)
         state_fn = None
         if rank == 0:

@@ -6,6 +6,7 @@ that escapes is a bug and keeps its traceback.
 """
 
 import math
+import re
 
 
 class UserError(Exception):
@@ -17,6 +18,23 @@ def shown(value, limit: int = 100) -> str:
     a structure of billions of shared items, whose full repr would never finish."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def quote(error, limit: int = 240) -> str:
+    """A library's message (an exception or its text) for an error line: its first line,
+    terminal colours removed, and if longer than `limit`, cut at the end of its last whole
+    sentence (else of a word, with "..."), never mid-sentence without saying so."""
+    text = _ANSI.sub("", str(error))
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else type(error).__name__
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    end = max(head.rfind(". "), head.rfind("; "))
+    return head[:end + 1] if end > 0 else head.rsplit(" ", 1)[0] + " ..."
 
 
 def finite_number(value, bad) -> float:

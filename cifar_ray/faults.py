@@ -14,7 +14,8 @@ fails instead of hanging.
 Points: train-step (rank, epoch, step: a training step of a Ray Train worker, every few
 steps), trial-epoch (lr, epoch: a single-worker Tune trial, its epoch's checkpoint
 reported), atomic-write (name: fsutil.atomic_write, the data written, not yet renamed),
-atomic-dir (name: fsutil.atomic_dir, the folder filled, not yet renamed).
+atomic-dir (name: fsutil.atomic_dir, the folder filled, not yet renamed), claimed (name:
+fsutil.claimed, a run or sweep folder just claimed by this process).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ import torch
 
 from cifar_ray import config as C
 from cifar_ray import engine, rundir
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, quote
+from cifar_ray.fsutil import refuse_special
 
 
 def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
@@ -20,69 +21,78 @@ def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
     return path, state, cfg, model
 
 
-def split_arrays(cfg: C.Config, data: str, split: str):
-    """The images and labels of `split` of DATA; `val` is the run's own held-out split."""
+def split_arrays(cfg: C.Config, data: str, split: str | None, own: bool):
+    """(dataset, split name, (images, labels)) of DATA. `val` is the run's own held-out
+    split; with no --split, the run's own data gives `val` and other data its test split,
+    or all of it when it has one split only (a plain <class>/<image> folder)."""
     from cifar_ray.data import load, train_val_split
 
     ds = load(data)
+    if split is None:
+        split = "val" if own else ("test" if "test" in ds.splits else "all")
+    if split == "all":
+        return ds, split, ds.splits["train"]
     if split == "test":
         if "test" not in ds.splits:
             raise UserError(f"--data {data}: has no test split; use --split val")
-        return ds, ds.splits["test"]
+        return ds, split, ds.splits["test"]
+    if "train" not in ds.splits:
+        raise UserError(f"--data {data}: holds only a test split; use --split test (or no --split)")
     images, labels = ds.splits["train"]
     if split == "train":
-        return ds, (images, labels)
+        return ds, split, (images, labels)
     _, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
     if len(val_idx) == 0:
         raise UserError(f"{data}: the run used data.val_fraction=0, so it has no validation split")
-    return ds, (images[val_idx], labels[val_idx])
+    return ds, split, (images[val_idx], labels[val_idx])
 
 
-def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str = "val",
+def evaluate_checkpoint(target: str | Path, data: str | None = None, split: str | None = None,
                         tta: bool = False, which: str = "best") -> dict:
-    """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a split."""
+    """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a split (see
+    `split_arrays` for the default)."""
     from cifar_ray.data.loader import DeviceLoader
 
     path, state, cfg, model = load_checkpoint(target, which)
+    own = data is None or data == cfg.data.source
     data = data or cfg.data.source
-    ds, (images, labels) = split_arrays(cfg, data, split)
-    if list(ds.classes) != list(state["classes"]):
-        raise UserError(f"--data {data}: its classes {ds.classes} differ from the checkpoint's "
-                        f"{state['classes']}; evaluate on the dataset the model was trained on")
+    ds, split, (images, labels) = split_arrays(cfg, data, split, own)
+    classes = list(state["classes"])
+    unknown = [c for c in ds.classes if c not in classes]
+    if unknown:
+        raise UserError(f"--data {data}: its classes {', '.join(unknown)} are not among the "
+                        f"checkpoint's ({', '.join(classes)}); evaluate on images of the classes "
+                        "the model was trained on")
+    # By name: a separate test folder lists its classes in its own (sorted) order.
+    labels = np.array([classes.index(c) for c in ds.classes], np.int64)[labels]
     device = torch.device("cpu")
     loader = DeviceLoader(images, labels, batch_size=cfg.train.eval_batch_size, device=device,
                           mean=tuple(state["mean"]), std=tuple(state["std"]), aug=None,
                           shuffle=False, drop_last=False, channels_last=cfg.train.channels_last)
     amp = engine.autocast_dtype(cfg.train.precision, device)
-    ev = engine.evaluate(model, loader, device, amp, len(ds.classes), tta)
+    ev = engine.evaluate(model, loader, device, amp, len(classes), tta)
     conf = ev["confusion"]
-    per_class = {c: float(conf[i, i] / max(conf[i].sum(), 1)) for i, c in enumerate(ds.classes)}
+    per_class = {c: float(conf[i, i] / conf[i].sum()) for i, c in enumerate(classes) if conf[i].sum()}
     return {"checkpoint": str(path), "split": split, "n": ev["n"], "accuracy": ev["acc"],
             "loss": ev["loss"], "tta": tta, "per_class": per_class,
-            "classes": list(ds.classes), "confusion": conf.tolist()}
+            "classes": classes, "confusion": conf.tolist()}
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 (32,32,3) RGB; other sizes are resized (antialiased)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from cifar_ray.data.sources import open_image
 
     if Path(path).is_dir():
         raise UserError(f"{path}: is a directory; give image files (PNG or JPEG)")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (32, 32):
-                im = im.resize((32, 32), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: cannot decode image (not an image file PIL knows); give a "
-                        "PNG or JPEG file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # A truncated file, a corrupt one, or a decompression bomb (PIL's pixel limit).
-        reason = " ".join(str(e).split())[:120] or e.__class__.__name__
-        raise UserError(f"{path}: cannot decode image ({reason}); give a PNG or JPEG file") from None
+    refuse_special(path)
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such image file")
+    im = open_image(str(path), path, "cannot decode image", "give a PNG or JPEG file")
+    if im.size != (32, 32):
+        im = im.resize((32, 32), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def predict(target: str | Path, images: list[str], top_k: int = 3, tta: bool = False,

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cifar_ray import rundir
 from cifar_ray.fsutil import atomic_write
 
 
@@ -78,7 +79,7 @@ class Group:
     accuracy says "worse at a rung", not how good the configuration is."""
     label: str
     params: dict
-    values: list[float]  # best val acc of each seed that ran all epochs
+    values: list[float]  # best val acc of each seed that ran all epochs and learned
     trials: list = field(default_factory=list)
     reference: float | None = None
     changes: dict = field(default_factory=dict)
@@ -102,12 +103,14 @@ class Noise:
 
     def delta(self, g: Group) -> tuple[float, float | None]:
         """(mean - base mean, 95% half-width of that difference or None)."""
-        d = g.mean - self.base.mean
-        if self.sd is None or not g.values or not self.base.values:
+        d = g.mean - self.base.mean if self.base is not None else float("nan")
+        if self.sd is None or not g.values or self.base is None or not self.base.values:
             return d, None
         return d, t975(self.df) * self.sd * math.sqrt(1 / len(g.values) + 1 / len(self.base.values))
 
     def verdict(self, g: Group) -> str:
+        if g.trials and all(t.did_not_learn for t in g.trials):
+            return "did not learn" + (" (the base)" if g is self.base else "")
         if g is self.base:
             return "base" if g.values else "base (no full run)"
         if not g.values:
@@ -115,7 +118,7 @@ class Noise:
             if stopped:
                 return f"stopped by ASHA ({stopped}/{len(g.trials)} seeds)"
             return "failed" if all(t.status == "failed" for t in g.trials) else "no result"
-        if not self.base.values:
+        if self.base is None or not self.base.values:
             return "no base to compare"
         d, half = self.delta(g)
         if half is None:
@@ -140,10 +143,11 @@ def noise(sw) -> Noise:
                                     reference=refs.get(params.get("variant")),
                                     changes=dict(t.changes))
         g.trials.append(t)
-        if t.status == "done" and t.best_val_acc is not None:
+        if t.status == "done" and t.best_val_acc is not None and not t.did_not_learn:
             g.values.append(t.best_val_acc)
     listed = list(groups.values())
-    base = next((g for g in listed if not g.changes), listed[0] if listed else None)
+    # The space's base configuration itself, when the sweep ran it (a random draw seldom does).
+    base = next((g for g in listed if not g.changes), None)
     df = sum(len(g.values) - 1 for g in listed if len(g.values) > 1)
     ss = sum(sum((v - g.mean) ** 2 for v in g.values) for g in listed if len(g.values) > 1)
     return Noise(listed, base, math.sqrt(ss / df) if df else None, df)
@@ -216,22 +220,27 @@ def plot_factor(sw, key: str, path: Path) -> None:
     """Best val accuracy against one swept key's values: each trial a dot (hollow: stopped
     by ASHA), the mean per value a dash, a variant's reference a red x."""
     plt = _pyplot()
-    points = []
+    points, stuck = [], []
     for t in sw.trials:
         if t.status == "failed" or t.best_val_acc is None:
             continue
         value = t.seed if key == "train.seed" else t.params.get(key)
-        points.append((value, t.best_val_acc, t.status == "stopped"))
+        (stuck if t.did_not_learn else points).append((value, t.best_val_acc, t.status == "stopped"))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _, _ in points)
-    values = sorted({v for v, _, _ in points}, key=float) if numeric else \
-        list(dict.fromkeys(v for v, _, _ in points))
+    values = sorted({v for v, _, _ in points + stuck}, key=float) if numeric else \
+        list(dict.fromkeys(v for v, _, _ in points + stuck))
     pos = {v: i for i, v in enumerate(values)}
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(values) + 2), 3.8))
-    means = [sum(a for v, a, _ in points if v == x) / max(1, sum(1 for v, _, _ in points if v == x))
-             for x in values]
-    ax.plot(range(len(values)), means, "_", color="#555555", markersize=40, mew=2, label="mean")
+    means = [sum(a for v, a, _ in points if v == x) / n if (n := sum(v == x for v, _, _ in points))
+             else float("nan") for x in values]
+    ax.plot(range(len(values)), means, "_", color="#555555", markersize=40, mew=2,
+            label="mean (learned trials)" if stuck else "mean")
     for v, acc, stopped in points:
         ax.plot(pos[v], acc, "o", color="#1f4e79", fillstyle="none" if stopped else "full")
+    if stuck:  # out of the means: their accuracy is the recipe's failure, not the factor's
+        ax.plot([pos[v] for v, _, _ in stuck], [a for _, a, _ in stuck], "x", color="#999999",
+                label="did not learn")
+        points += stuck
     if key == "variant":  # the accuracy each variant's `reference` reports, beside ours
         refs = {v.name: v.reference for v in sw.space.variants}
         marks = [(pos[x], refs[x]) for x in values if refs.get(x) is not None]
@@ -256,9 +265,10 @@ def _pct(x) -> str:
 def _status(t, max_epochs: int) -> str:
     if t.status == "failed":
         return f"failed: {t.reason}"[:160].replace("|", "/")
+    stuck = "did not learn, " if t.did_not_learn else ""
     if t.status == "stopped":
-        return f"stopped by ASHA at epoch {t.epochs}"
-    return {"done": "done", "incomplete": "incomplete (resume the sweep)"}.get(t.status, t.status)
+        return f"{stuck}stopped by ASHA at epoch {t.epochs}"
+    return stuck + {"done": "done", "incomplete": "incomplete (resume the sweep)"}.get(t.status, t.status)
 
 
 def _md_table(header: list[str], rows: list[list]) -> list[str]:
@@ -278,12 +288,14 @@ def sweep_report(sw) -> Path:
     E = sw.max_epochs
     counts = {s: sum(t.status == s for t in sw.trials) for s in ("done", "stopped", "failed", "incomplete")}
     counts["incomplete"] += sw.planned - len(sw.trials)  # never started
+    stuck = sum(t.did_not_learn for t in sw.trials)
     lines = [f"# Sweep report: {out.name}", ""]
     if sw.space.description:
         lines += [sw.space.description, ""]
     st = sw.settings
     lines += [f"{max(sw.planned, len(sw.trials))} trials: {counts['done']} ran all {E} epochs, {counts['stopped']} "
               f"stopped early by ASHA, {counts['failed']} failed"
+              + (f"; {stuck} did not learn (never above {rundir.LEARNED:g}x chance)" if stuck else "")
               + (f", {counts['incomplete']} incomplete (`cifar-ray tune --resume {sw.shown()}`)"
                  if counts["incomplete"] else "")
               + f". ASHA on validation accuracy: grace {st.grace} epoch{'s' * (st.grace != 1)}, reduction {st.reduction:g}; "
@@ -297,9 +309,15 @@ def sweep_report(sw) -> Path:
                   f"`best.yaml` (`cifar-ray train --config {sw.shown('best.yaml')}`).", ""]
 
     lines += ["## Configurations against seed noise", ""]
-    if nz.base is not None:
-        lines += [f"Base for the differences: **{nz.base.label}** "
-                  f"({describe_changes(nz.base.changes)} from the space's base). " + (
+    if nz.groups:
+        lines += [(f"Base for the differences: **{nz.base.label}**, the space's base configuration. "
+                   if nz.base is not None else
+                   "No trial ran the space's base configuration unchanged, so no differences "
+                   "are computed (a space of random draws seldom does; to compare against it, "
+                   "add a variant that sets nothing: `- {name: base}`). ")
+                  + ("Trials that did not learn (never above "
+                     f"{rundir.LEARNED:g}x chance: a recipe the net cannot train with, not a "
+                     "measure of the configuration) are left out of the means. " if stuck else "") + (
                       f"Seed-to-seed noise: one seed's accuracy varies with a standard deviation of "
                       f"{nz.sd:.4f} (pooled over {nz.df} degrees of freedom); intervals are 95%, "
                       "and a difference counts only when it is larger than its interval. Only "
@@ -313,7 +331,7 @@ def sweep_report(sw) -> Path:
             half = nz.half_width(g)
             mean = "" if not g.values else (f"{g.mean:.4f} ± {half:.4f}" if half is not None
                                             else f"{g.mean:.4f}")
-            d, dh = nz.delta(g) if g.values and nz.base.values else (float("nan"), None)
+            d, dh = nz.delta(g) if g.values and nz.base is not None and nz.base.values else (float("nan"), None)
             delta = "" if d != d or g is nz.base else (f"{d * 100:+.2f} ± {dh * 100:.2f}" if dh is not None
                                                        else f"{d * 100:+.2f}")
             row = [g.label, describe_changes(g.changes), f"{len(g.values)}/{len(g.trials)}", mean,
@@ -354,7 +372,9 @@ def sweep_report(sw) -> Path:
         if keys:
             lines += ["## Factors", "", "Best validation accuracy against each swept key "
                       "(dots: trials, hollow = stopped by ASHA; dashes: means; red x: a variant's "
-                      "reference).", ""]
+                      "reference"
+                      + ("; grey x: trials that did not learn, left out of the means" if stuck else "")
+                      + ").", ""]
             for key in keys:
                 name = f"factor-{key.replace('/', '_')}.png"
                 plot_factor(sw, key, out / name)
@@ -367,7 +387,6 @@ def sweep_report(sw) -> Path:
 def run_report(run: Path) -> Path:
     """report.md for a single run directory: the summary, the config's headline, curves."""
     from cifar_ray import config as C
-    from cifar_ray import rundir
 
     run = Path(run)
     summary = rundir.read_summary(run)

@@ -19,8 +19,14 @@ from pathlib import Path
 
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
+from cifar_ray.storage import Kind
 
 CHECKPOINTS = "checkpoints"
+# What a run folder may hold (train, evaluate and report write it): --overwrite replaces
+# such a folder and no other; ".*.tmp" are the temp files of a killed write (fsutil).
+RUN = Kind("run", ("config.yaml", CHECKPOINTS),
+           ("config.yaml", "metrics.csv", "curves.png", "summary.json", "report.md",
+            "confusion-*.png", CHECKPOINTS, ".*.tmp"))
 STATE_FILE = "state.pt"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 
@@ -28,7 +34,20 @@ SUMMARY_NUMBERS = ("params", "epochs", "epochs_planned", "best_val_acc", "final_
                    "final_train_acc", "train_seconds", "wall_seconds", "images_per_second",
                    "best_epoch", "last_epoch", "test_acc")
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                  "images_per_s", "seconds", "eval_seconds", "test_acc"]
+                  "images_per_s", "seconds", "eval_seconds", "test_acc", "chance"]
+
+
+LEARNED = 1.5  # a run has learned once its val accuracy reaches this many times chance
+
+
+def did_not_learn(history: list[dict]) -> bool:
+    """Two epochs or more and no validation accuracy at LEARNED x chance (1/classes, which
+    the engine records every epoch; a history without that record is not judged). Such a
+    net is not learning: usually a recipe it cannot train with (models.default_recipe).
+    One epoch is too early to tell: a net without BatchNorm can sit at chance for one."""
+    chance = history[-1].get("chance") if history else None
+    return (chance is not None and len(history) >= 2
+            and not any(h.get("val_acc", 0) >= LEARNED * chance for h in history))  # NaN: no
 
 
 def is_run(path: Path) -> bool:

@@ -289,6 +289,15 @@ def trial_config(space: Space, settings: Settings, params: dict, where: str = "t
     return C.from_dict(data, where)
 
 
+def base_config(space: Space, settings: Settings, where: str) -> C.Config:
+    """The sweep's base: the space's base with the sweep's own keys, over its model's default
+    recipe (see config.with_model_recipe). Every trial starts from it, so the trials share
+    the base's recipe unless the space varies it."""
+    data = apply(space.base, sweep_overrides(settings, space.base))
+    C.from_dict(data, where)
+    return C.from_dict(C.with_model_recipe(data), where)
+
+
 def seeds(space: Space, settings: Settings) -> list[int]:
     first = C.from_dict(space.base).train.seed
     return [first + i for i in range(settings.seeds)]
@@ -309,6 +318,10 @@ def resolve_settings(space: Space, flags: dict) -> Settings:
     return out
 
 
+RESOURCE_STEP = 1e-4  # Ray's resource unit (ray._raylet.RESOURCE_UNIT_SCALING = 10,000)
+MAX_RESOURCE = 1e12  # below Ray's own MAX_RESOURCE_QUANTITY
+
+
 def check_settings(space: Space, s: Settings) -> None:
     """Refuse impossible option combinations (before Ray starts)."""
     epochs = max_epochs(s, space.base)
@@ -322,6 +335,12 @@ def check_settings(space: Space, s: Settings) -> None:
                             f"must be >= {low}")
     if s.cpus_per_trial <= 0:
         raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g}: must be > 0")
+    for flag, value in (("--cpus-per-trial", s.cpus_per_trial), ("--gpus-per-trial", s.gpus_per_trial)):
+        steps = value / RESOURCE_STEP  # Ray refuses less than a step, and rounds the rest down
+        if value > MAX_RESOURCE or abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
+            raise UserError(f"{flag} {value!r}: Ray counts CPUs and GPUs in steps of "
+                            f"{RESOURCE_STEP:g} (up to {MAX_RESOURCE:.0e}); give a multiple of "
+                            f"{RESOURCE_STEP:g}")
     if epochs > C.MAX_EPOCHS:
         raise UserError(f"--max-epochs {epochs}: must be <= {C.MAX_EPOCHS}")
     if s.grace > epochs:

@@ -15,6 +15,7 @@ is a UserError naming the option it came from. No Ray imports.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import os
 import posixpath
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write, check_writable_dir
+from cifar_ray.fsutil import LOCK, atomic_write, check_writable_dir, claimed as _claimed
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")  # URIs whose first part is a bucket
@@ -129,17 +130,24 @@ def exists(loc: Location, rel: str = "") -> bool:
         raise loc.error(e, "read the storage") from None
 
 
-def is_empty(loc: Location) -> bool:
-    """True when the folder does not exist or holds nothing."""
+def entries(loc: Location) -> list[str]:
+    """The names in the folder (none if it does not exist; a file: its own name), less our
+    lock (fsutil.claimed)."""
     try:
         info = loc.fs.get_file_info(loc.path)
         if info.type == pafs.FileType.NotFound:
-            return True
+            return []
         if info.type == pafs.FileType.File:
-            return False
-        return not loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+            return [posixpath.basename(loc.path)]
+        listed = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
     except OSError as e:
         raise loc.error(e, "read the storage") from None
+    return sorted(n for n in (posixpath.basename(i.path) for i in listed) if n != LOCK)
+
+
+def is_empty(loc: Location) -> bool:
+    """True when the folder does not exist or holds nothing (but our lock)."""
+    return not entries(loc)
 
 
 def files(loc: Location) -> list[str]:
@@ -178,22 +186,68 @@ def write(loc: Location, rel: str, data: bytes | str) -> None:
         raise loc.error(e, f"write {rel}") from None
 
 
-def check_new(loc: Location, overwrite: bool, holds, resume_hint: str) -> None:
-    """Refuse, touching nothing, an --out folder that cannot be written or (without
-    `overwrite`) already holds something: `holds()` says what, `resume_hint` how to go on."""
+@dataclass(frozen=True)
+class Kind:
+    """What cifar-ray writes into a folder of one kind (a run, a sweep): `--overwrite` may
+    replace such a folder, and only such a folder."""
+    what: str  # "run", "sweep"
+    markers: tuple[str, ...]  # one of these names says the folder is one
+    names: tuple[str, ...]  # every top-level name (fnmatch pattern) cifar-ray may write
+
+    def foreign(self, names: list[str]) -> list[str]:
+        """Names cifar-ray did not write (all of them when no marker is there)."""
+        if not any(m in names for m in self.markers):
+            return names
+        return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in self.names)]
+
+
+def check_new(loc: Location, overwrite: bool, kind: Kind, resume_hint: str,
+              keep: tuple = ()) -> None:
+    """Refuse, touching nothing, an --out folder that cannot be written, that holds a
+    `kind` folder (unless `overwrite`: `resume_hint` says how to continue it instead), or
+    that holds anything else: --overwrite never deletes what cifar-ray did not write, nor
+    a folder holding the current directory or a path of `keep` (the --data source, ...)."""
     if not loc.remote:
         check_writable_dir(loc.path, "--out", loc.text)
-    if not overwrite and not is_empty(loc):
-        raise UserError(f"--out {loc.text}: holds {holds()}; pass {resume_hint} to continue it, "
-                        "--overwrite to replace it, or choose another folder")
+    names = entries(loc)
+    if not names:
+        return
+    foreign = kind.foreign(names)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {loc.text}: holds files cifar-ray did not write ({shown}); "
+                        "choose another folder (a new or an empty one)")
+    if not overwrite:
+        raise UserError(f"--out {loc.text}: holds another {kind.what}; pass {resume_hint} to "
+                        "continue it, --overwrite to replace it, or choose another folder")
+    if not loc.remote:
+        here = Path(loc.path)
+        for path in (Path.cwd(), *(k for k in keep if k and not is_uri(k) and Path(k).exists())):
+            path = Path(path).resolve()
+            if path == here or here in path.parents:
+                raise UserError(f"--out {loc.text} --overwrite: the folder holds {path}, which "
+                                "must not be deleted; choose another folder")
 
 
 def make_new(loc: Location) -> None:
-    """The folder, empty: what it held is removed (check_new has allowed that)."""
-    if not is_empty(loc):
-        remove(loc)
-    if not loc.remote:
-        Path(loc.path).mkdir(parents=True, exist_ok=True)
+    """The folder, empty: what it held is removed (check_new has allowed that), our lock
+    excepted."""
+    if loc.remote:
+        if not is_empty(loc):
+            remove(loc)
+        return
+    Path(loc.path).mkdir(parents=True, exist_ok=True)
+    for name in entries(loc):
+        remove(loc.sub(name))
+
+
+def claimed(loc: Location):
+    """Hold a local folder for this process while the block runs (fsutil.claimed); the
+    folder is checked for writing first. A bucket has no such lock: nothing is held."""
+    if loc.remote:
+        return contextlib.nullcontext()
+    check_writable_dir(loc.path, loc.flag, loc.text)
+    return _claimed(loc.path, loc.flag)
 
 
 def download(loc: Location, rel: str, dest: Path) -> None:

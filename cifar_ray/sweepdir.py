@@ -27,18 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_ray import config as C
+from cifar_ray import rundir
 from cifar_ray import space as S
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, quote
 from cifar_ray.fsutil import atomic_write
+from cifar_ray.storage import Kind
 
 SPACE_FILE = "space.yaml"
 STATUS_FILE = "status.json"
 TUNE_PREFIX = "tune-"  # DIR/tune-<6 hex>: Ray Tune's experiment
 TRAIN_DIR = "train"
+# What a sweep folder may hold: --overwrite replaces such a folder and no other.
+SWEEP = Kind("sweep", (SPACE_FILE,),
+             (SPACE_FILE, STATUS_FILE, "results.parquet", "trials.csv", "best.yaml", "report.md",
+              "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp"))
 EPOCH_FILE = "epoch.json"  # beside state.pt in a trial checkpoint: {"epoch": N}
 _TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-           "seconds", "eval_seconds", "test_acc")
+           "seconds", "eval_seconds", "test_acc", "chance")
 
 
 def is_sweep(path: Path) -> bool:
@@ -70,6 +76,10 @@ class Trial:
     def best_epoch(self) -> int | None:
         scored = [(h["val_acc"], h["epoch"]) for h in self.history if _finite(h.get("val_acc"))]
         return max(scored)[1] if scored else None
+
+    @property
+    def did_not_learn(self) -> bool:
+        return rundir.did_not_learn(self.history)
 
     @property
     def seed(self) -> int:
@@ -116,7 +126,7 @@ def load_space(sweep: Path) -> tuple[S.Space, S.Settings, C.Config]:
         raise UserError(f"{sweep}: not a sweep directory (no {SPACE_FILE})")
     space = S.parse(C.read_yaml(path, "space"), str(path), name=Path(sweep).resolve().name)
     settings = S.resolve_settings(space, {})
-    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), str(path))
+    base = S.base_config(space, settings, str(path))
     return space, settings, base
 
 
@@ -210,7 +220,7 @@ def _error_reason(trial_dir: Path) -> str:
     if not err.is_file():
         return ""
     lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "error"
+    return quote(lines[-1], 300) if lines else "error"
 
 
 def _trial_dirs(root: Path) -> dict[str, list[Path]]:

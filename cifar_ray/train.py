@@ -29,6 +29,7 @@ import numpy as np
 from cifar_ray import config as C
 from cifar_ray import faults, rundir, storage
 from cifar_ray.errors import UserError
+from cifar_ray.fsutil import is_out_of_space, out_of_space
 
 RUN_NAME = rundir.CHECKPOINTS  # Ray's experiment folder inside the run directory
 LOOPBACK = "127.0.0.1"  # where a local Ray listens: nothing of it on the machine's network
@@ -42,6 +43,9 @@ def load_split(cfg: C.Config) -> dict:
     from cifar_ray.data import load, stratified_subset, train_val_split
 
     ds = load(cfg.data.source)
+    if "train" not in ds.splits:
+        raise UserError(f"--data {cfg.data.source}: holds only a test split, nothing to train on; "
+                        "give a train/<class>/ tree (a test-only set is for cifar-ray evaluate)")
     images, labels = ds.splits["train"]
     train_idx, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
     if cfg.data.limit:
@@ -140,8 +144,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = engine.load_state(Path(d) / rundir.STATE_FILE)
+        try:
+            with checkpoint.as_directory() as d:
+                resume = engine.load_state(Path(d) / rundir.STATE_FILE)
+        except UserError as e:  # damaged after Ray recorded it: the newest readable one below
+            print(f"warning: Ray's latest checkpoint is unreadable: {e}", flush=True)
     # On --resume the driver sends the newest complete checkpoint on disk: Ray's own
     # snapshot can lag one epoch behind when the previous driver was stopped mid-report.
     if loop_config.get("resume") is not None:
@@ -215,6 +222,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
 
     Workers' and Ray's own log lines reach the terminal only with `verbose`: the driver
     prints progress itself, and a worker's error comes back with `fit()`'s exception."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -222,18 +231,27 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        fault_env = faults.env()  # tests only
         # A cluster on 127.0.0.1 (all its nodes on this machine): Ray would resolve the
         # address to the machine's network address, where it does not listen.
         if address.split("://")[-1].startswith((LOOPBACK, "localhost")):
             from ray._private import ray_constants
 
             os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+        check_cluster(address)
+        fault_env = faults.env()  # tests only
         ray.init(address=address, log_to_driver=verbose,
                  **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}))
     else:
-        init_local(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=verbose,
-                   logging_level="INFO" if verbose else "WARNING")
+        # Ray's default for a cluster it starts is token authentication, announced with a
+        # WARNING on every start: the default is what we want, the line is not.
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth.level
+        auth.setLevel(logging.INFO if verbose else logging.ERROR)
+        try:
+            init_local(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=verbose,
+                       logging_level="INFO" if verbose else "WARNING")
+        finally:
+            auth.setLevel(level)
 
 
 def init_local(**kwargs) -> None:
@@ -313,6 +331,70 @@ def check_shared(loc: storage.Location, echo=print) -> None:
                         "(s3://BUCKET/PREFIX, gs://BUCKET/PREFIX) or a folder all nodes mount")
 
 
+PROBE_S = 10.0  # seconds a cluster has to answer check_cluster
+
+
+def check_cluster(address: str) -> None:
+    """Refuse, within seconds, a RAY_ADDRESS where nothing listens or whose cluster wants a
+    token we do not have: ray.init would retry for a minute or more, logging every try."""
+    import socket
+
+    import ray._raylet
+    from ray.exceptions import AuthenticationError
+
+    if address in ("auto", "local") or "://" in address:
+        return  # found by Ray itself, or a Ray Client address: Ray's own errors are clear
+    where = f"RAY_ADDRESS={address}"
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{where}: expected HOST:PORT of the cluster's head (`ray start --head` "
+                        "prints it), or unset RAY_ADDRESS to train on a local Ray")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except OSError as e:
+        raise UserError(f"{where}: nothing answers there ({e.strerror or e}); start the cluster "
+                        "(ray start --head), correct RAY_ADDRESS, or unset it to train on a "
+                        "local Ray") from None
+    outcome: dict = {}
+
+    def probe():
+        try:
+            ray._raylet.GcsClient(address=address)
+            outcome["ok"] = True
+        except BaseException as e:  # surfaced below
+            outcome["error"] = e
+
+    with _stderr_to_devnull():  # Ray's C++ client logs each refused try on stderr itself
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(PROBE_S)
+    if isinstance(outcome.get("error"), AuthenticationError):
+        raise UserError(f"{where}: the cluster wants an authentication token this machine does "
+                        "not have; copy the head's token (ray get-auth-token, on the head) to "
+                        "~/.ray/auth_token, or point RAY_AUTH_TOKEN_PATH at it, and set "
+                        "RAY_AUTH_MODE=token")
+    if not outcome:
+        raise UserError(f"{where}: no Ray cluster answered within {PROBE_S:.0f} s (is it a Ray "
+                        "head's GCS port?); correct RAY_ADDRESS, or unset it to train on a "
+                        "local Ray")
+
+
+class _stderr_to_devnull:
+    """File descriptor 2 sent to /dev/null while the block runs (C++ libraries write there
+    directly, past Python's sys.stderr)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
 def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
     """Size the workers from the cluster, and refuse (before starting) a run the cluster
     cannot hold: Ray would otherwise wait for resources forever."""
@@ -333,6 +415,11 @@ def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
     return Resources(workers, per_worker, scale.gpu)
 
 
+def bundles(res: Resources) -> list[dict]:
+    """The workers' resource bundles, as Ray Train asks for them."""
+    return [{"CPU": res.cpus_per_worker, **({"GPU": 1} if res.gpu else {})}] * res.workers
+
+
 def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Location, name: str,
                  queue=None, callbacks=None, resume=None):
     """The TorchTrainer of one run (train and tune both build theirs here), its checkpoints
@@ -349,8 +436,8 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Locatio
                            "checkpoints": None if where.remote else str(Path(where.path) / name)},
         torch_config=TorchConfig(backend="nccl" if res.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu,
-                                     resources_per_worker={"CPU": res.cpus_per_worker,
-                                                           **({"GPU": 1} if res.gpu else {})}),
+                                     resources_per_worker=bundles(res)[0],
+                                     placement_strategy=cfg.scale.placement),
         run_config=RunConfig(
             name=name, **where.ray_storage(), callbacks=callbacks,
             # Keep the best checkpoint by val accuracy; Ray always keeps the latest too.
@@ -378,7 +465,7 @@ class _Console:
                           f" {step}/{steps}")
         self.stream.flush()
 
-    def epoch(self, m: dict) -> None:
+    def epoch(self, m: dict, history: list[dict]) -> None:
         if self.tty:
             self.stream.write("\r\033[K")
         line = (f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} "
@@ -386,6 +473,9 @@ class _Console:
                 f"lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['seconds']:.1f}s")
         if "test_acc" in m:
             line += f"  test acc {m['test_acc']:.4f}"
+        if rundir.did_not_learn(history):
+            line += (f"  [still at chance ({m['chance']:.2f}): not learning; try another "
+                     "recipe, e.g. --set optim.name=adamw --lr 0.001]")
         print(line, flush=True)
 
 
@@ -399,14 +489,14 @@ def check_batch(cfg: C.Config, n_train: int, workers: int, where: str = "train.b
                         f"{per_worker}; lower the batch size or use more data")
 
 
-def check_run_dir(out: storage.Location, resume: bool, overwrite: bool) -> None:
-    """Refuse a run directory that cannot take the run, touching nothing."""
+def check_run_dir(out: storage.Location, resume: bool, overwrite: bool, keep=()) -> None:
+    """Refuse a run directory that cannot take the run, touching nothing. `keep`: paths
+    that --overwrite must not delete (the --data source)."""
     if resume:
         if not storage.exists(out, "config.yaml"):
             raise UserError(f"--resume {out.text}: not a run directory (no config.yaml)")
         return
-    storage.check_new(out, overwrite, lambda: "another run" if storage.exists(out, "config.yaml")
-                      or storage.exists(out, rundir.CHECKPOINTS) else "files", "--resume")
+    storage.check_new(out, overwrite, rundir.RUN, "--resume", keep)
 
 
 def absolute_paths(cfg: C.Config) -> C.Config:
@@ -461,18 +551,85 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
     # (again below with the data's classes), DIR, the batch size against the data, the cluster.
     model = cfg.model.spec or cfg.model.name
     model_info(model, **cfg.model.args)
-    check_run_dir(loc, resume, overwrite)
-    arrays = load_split(cfg)
-    info = model_info(model, num_classes=len(arrays["classes"]), **cfg.model.args)
-    check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
-    with storage.Stage(loc) as stage:
-        return _run(cfg, arrays, info, stage, resume, overwrite, check_resources, verbose,
-                    echo)
+    with storage.claimed(loc):  # one writer per folder, from here to the end
+        check_run_dir(loc, resume, overwrite, keep=(cfg.data.source,))
+        arrays = load_split(cfg)
+        info = model_info(model, num_classes=len(arrays["classes"]), **cfg.model.args)
+        check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
+        with storage.Stage(loc) as stage:
+            newest = resume_from(stage, cfg, echo) if resume else None
+            return _run(cfg, arrays, info, stage, newest, resume, check_resources, verbose,
+                        echo)
 
 
-def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: bool,
-         overwrite: bool, check_resources: bool, verbose: bool, echo) -> dict:
-    """The Ray part of `run`: start the trainer, follow it, write the run's files."""
+def resume_from(stage: storage.Stage, cfg: C.Config, echo=print) -> dict | None:
+    """The newest readable checkpoint of the run in `stage` (None: it has none yet), after
+    the checks of a resume: a run whose checkpoints are all unreadable, or `cfg` asking for
+    fewer epochs than that checkpoint has done, is refused. Ray's own record of the
+    checkpoints is made to agree with what is readable (see repair_ray_record)."""
+    stage.pull()
+    ckpts = rundir.checkpoint_dirs(stage.local)
+    newest = newest_state(stage.local, echo, stage.fetch)
+    if newest is None:
+        if ckpts:
+            raise UserError(f"--resume {stage.loc.text}: none of its {len(ckpts)} checkpoints "
+                            "can be read; start the run again with --overwrite")
+        repair_ray_record(stage, set())
+        return None
+    done = newest["epoch"]
+    if done < max(ckpts, default=0):
+        echo(f"resuming from epoch {done}, the newest checkpoint that can be read")
+    if cfg.train.epochs < done:
+        raise UserError(f"--epochs {cfg.train.epochs}: the run in {stage.loc.text} has trained "
+                        f"{done} epochs already; give --epochs {done} or more, or leave it out")
+    repair_ray_record(stage, {d.name for e, d in ckpts.items() if e <= done})
+    return newest
+
+
+RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
+
+
+def repair_ray_record(stage: storage.Stage, good: set[str]) -> None:
+    """Make Ray Train's record of the run's checkpoints name only folders in `good`: Ray
+    refuses to start when it names a folder that is gone, hands its latest one to the
+    workers even when that one is damaged, and cannot read a record cut short by a full
+    disk. Entries for other folders are dropped; a record that cannot be read is removed
+    (the workers then start from the checkpoint the driver sends)."""
+    import json
+
+    rel = f"{RUN_NAME}/{RAY_RECORD}"
+    path = stage.local / rel
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text())
+        results = record["checkpoint_results"]
+        order = dict(zip((r["checkpoint_dir_name"] for r in results),
+                         record["checkpoint_report_indices"]))
+        latest = record["latest_checkpoint_result"]
+        pending = list(zip(record["pending_training_results"], record["pending_validation_specs"]))
+        if set(order) <= good and (latest is None or latest["checkpoint_dir_name"] in good):
+            return
+        kept = [r for r in results if r["checkpoint_dir_name"] in good]
+        record["checkpoint_results"] = kept
+        record["checkpoint_report_indices"] = [order[r["checkpoint_dir_name"]] for r in kept]
+        record["latest_checkpoint_result"] = max(
+            kept, key=lambda r: order[r["checkpoint_dir_name"]]) if kept else None
+        pending = [(r, v) for r, v in pending if r["checkpoint_dir_name"] in good]
+        record["pending_training_results"] = [r for r, _ in pending]
+        record["pending_validation_specs"] = [v for _, v in pending]
+        for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                    "failed_validation_checkpoint_dir_names"):
+            record[key] = [n for n in record.get(key, []) if n in good]
+        storage.write(stage.loc, rel, json.dumps(record))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        storage.remove(stage.loc.sub(rel))
+
+
+def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: dict | None,
+         resume: bool, check_resources: bool, verbose: bool, echo) -> dict:
+    """The Ray part of `run`: start the trainer, follow it, write the run's files. `newest`:
+    the checkpoint a resumed run continues from."""
     import ray
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -482,15 +639,16 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
     check_shared(stage.loc, echo)
+    if res.gpu:  # each GPU worker's torch, CUDA and driver, before anything is written
+        from cifar_ray.preflight import check_gpus
+
+        check_gpus(bundles(res), cfg.scale.placement, echo)
     if not resume:  # after every check (run): a refusal writes nothing
         storage.make_new(stage.loc)
-    if resume:
-        stage.pull()
     C.save_config(cfg, out / "config.yaml")
     stage.push()
     history: dict[int, dict] = {}
     resume_ref = None
-    newest = newest_state(out, echo, stage.fetch) if resume else None
     if newest is not None:
         history = {row["epoch"]: row for row in newest["history"]}
         resume_ref = ray.put(newest)
@@ -531,7 +689,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
                     stage.push()
                 except UserError as e:  # the store may be back by the next epoch
                     echo(f"warning: {e}")
-                console.epoch(item[1])
+                console.epoch(item[1], rows)
         thread.join()
     except KeyboardInterrupt:
         echo(f"\ninterrupted: stopping workers; the last finished epoch is saved. "
@@ -542,6 +700,14 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, resume: 
         error = "interrupted"
     wall = time.perf_counter() - t0
     if "error" in outcome and error is None:
+        if is_out_of_space(outcome["error"]):  # Ray's copy of a checkpoint, most likely
+            if started_ray:
+                ray.shutdown()
+            # what the next checkpoint needs: about what the largest one before it took
+            sizes = [(d / rundir.STATE_FILE).stat().st_size
+                     for d in rundir.checkpoint_dirs(out).values()]
+            raise out_of_space(stage.loc.text, max(sizes, default=None), then=" and continue the run with: "
+                               f"cifar-ray train --resume {stage.loc.text}") from None
         bad_input = worker_user_error(outcome["error"])
         if bad_input is not None:  # e.g. a spec file a worker's node does not have
             if started_ray:
@@ -602,6 +768,7 @@ def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: fl
     }
     if "test_acc" in last:
         summary["test_acc"] = last["test_acc"]
+    summary["did_not_learn"] = rundir.did_not_learn(history)
     rundir.write_summary(out, summary)
     stage.push()
     return summary

@@ -51,7 +51,7 @@ from cifar_ray import storage
 from cifar_ray import sweepdir as D
 from cifar_ray import train as T
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write
+from cifar_ray.fsutil import atomic_write, is_out_of_space, out_of_space
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (the nested Tune + Train
@@ -233,6 +233,9 @@ class _Progress(tune.Callback):
             what = f"val acc {r.get('val_acc', float('nan')):.4f} (best {best:.4f}), {epochs}/{self.max_epochs} epochs"
             if state == "stopped":
                 what += ", stopped by ASHA"
+            chance = r.get("chance")
+            if chance is not None and epochs >= 2 and not best >= rundir.LEARNED * chance:
+                what += f", did not learn (never above {rundir.LEARNED:g}x chance)"
         self._say(f"{state:<8} {trial.trial_id}  {self._label(trial)}: {what}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -331,6 +334,8 @@ def check_state_api() -> None:
     from ray.util.state.exception import RayStateApiException
 
     try:
+        # This driver's cluster by its address: left to itself the State API refuses to pick
+        # one when other Rays run on the same machine.
         list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30,
                     raise_on_missing_output=False)
     except RayStateApiException:
@@ -366,7 +371,7 @@ def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool =
     write the tables and the report; return the sweep as read back."""
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
-    with storage.Stage(loc) as stage:
+    with storage.claimed(loc), storage.Stage(loc) as stage:  # one writer per folder
         experiment = None
         if resume:
             if not storage.exists(loc, D.SPACE_FILE):
@@ -392,11 +397,11 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     loc, resume = stage.loc, experiment is not None
     if not resume:
         # before the data is prepared and Ray starts
-        storage.check_new(loc, overwrite, lambda: "another sweep" if storage.exists(
-            loc, D.SPACE_FILE) else "files", f"--resume {loc.text}")
+        storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
+                          keep=((space.base.get("data") or {}).get("source"),))
     S.check_settings(space, settings)
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
-    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)), space.source)
+    base = S.base_config(space, settings, space.source)
     base = T.absolute_paths(base)
     space = replace(space, base=C.to_dict(base))
     trials = S.check(space, settings)  # every trial's config and model, before anything runs
@@ -439,9 +444,32 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
         sweep_report(sw)
         stage.push()
         return sw
+    except Exception as e:  # Tune's own writes (experiment state, trial results) on a full disk
+        if is_out_of_space(e):
+            raise out_of_space(loc.text, then=f" and continue with: cifar-ray tune --resume "
+                               f"{loc.text}") from None
+        if _out_of_memory(e):
+            # Ray's memory monitor killed a trial's actor as it started: Tune's controller does
+            # not handle that and stops the sweep. Its state is on disk: the sweep resumes.
+            raise UserError(f"{loc.text}: the sweep stopped because Ray killed trial workers when "
+                            "the machine ran low on memory; finished trials are kept: free some "
+                            f"memory and continue with: cifar-ray tune --resume {loc.text}") from None
+        raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether `error` (or what it wraps) is Ray's memory monitor killing workers."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ray.exceptions.OutOfMemoryError) or \
+                "killed due to the node running low on memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,

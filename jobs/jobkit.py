@@ -134,6 +134,29 @@ def run(argv: list[str], dry_run: bool = False) -> int:
     return subprocess.run(argv).returncode
 
 
+def gpu_preflight(bundles: list[dict], strategy: str = "PACK") -> None:
+    """Before a GPU job does any work: every GPU worker of it reports torch, its CUDA build,
+    the driver and the GPU (cifar_ray/preflight.py); a node where CUDA cannot work stops the
+    job with one line naming it. Runs on the job's Ray cluster, in the bundles and placement
+    the job will ask for, so the autoscaler starts the nodes the job then uses."""
+    import ray
+
+    from cifar_ray.errors import UserError
+    from cifar_ray.preflight import check_gpus
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
+                 logging_level="WARNING")
+    try:
+        check_gpus(bundles, strategy, echo=lambda line: print(line, flush=True))
+    except UserError as e:
+        raise JobError(str(e)) from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def main(body) -> None:
     """Run an entrypoint body, turning a JobError into one line and exit status 2."""
     try:
@@ -226,6 +249,8 @@ def sweep_body(space: str, description: str, smoke_variants: list[str] | None = 
     try:
         if not args.dry_run:
             check_writable(root)
+            if args.gpus_per_trial and not (args.smoke or args.resume):
+                gpu_preflight([{"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}])
         code = run(cifar_ray(cmd), dry_run=args.dry_run)
     finally:
         if smoke_dir:

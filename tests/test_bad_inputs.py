@@ -39,6 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -323,6 +324,13 @@ def deny_writes(path: Path, monkeypatch) -> Path:
     real = os.access
     monkeypatch.setattr(fsutil.os, "access",
                         lambda p, mode, **kw: False if Path(p) == path else real(p, mode, **kw))
+    return path
+
+
+def fifo(path: Path) -> Path:
+    """A named pipe at `path`: reading it would wait for a writer for ever."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
     return path
 
 
@@ -745,7 +753,8 @@ CASES = [
          "state.pt", "not a readable cifar-ray checkpoint", sentinel=True),
     case("predict-checkpoint-torch-file-with-code",
          lambda fx: ["predict", with_state(fx, "state.pt", model=Sentinel(fx.marker)), fx.image],
-         "state.pt", "not a readable cifar-ray checkpoint", sentinel=True),
+         "state.pt", "not a readable cifar-ray checkpoint", "was not an allowed global by default.",
+         "never runs code from a checkpoint)", sentinel=True),
     case("evaluate-checkpoint-torch-file-with-code",
          lambda fx: ["evaluate", with_state(fx, "state.pt", classes=Sentinel(fx.marker))],
          "state.pt", "not a readable cifar-ray checkpoint", sentinel=True),
@@ -830,7 +839,7 @@ CASES = [
          "--out", "is a file, not a folder"),
     case("train-out-holds-files",
          lambda fx: train_args(fx)[:-1] + [_write(fx.tmp / "busy" / "keep.txt", "x").parent],
-         "--out", "busy: holds files", "--overwrite"),
+         "--out", "busy: holds files cifar-ray did not write (keep.txt)", "choose another folder"),
     case("train-out-not-writable", lambda fx: train_args(fx)[:-1] + [chmod_readonly(fx.tmp / "ro") / "run"],
          "--out", "not writable", root_skips=True),
     case("train-out-denied", lambda fx, mp: train_args(fx)[:-1] + [deny_writes(fx.tmp / "ro", mp) / "run"],
@@ -845,11 +854,62 @@ CASES = [
          "--out", "is a file, not a folder"),
     case("tune-out-holds-files",
          lambda fx: tune_args(fx, fx.space)[:-1] + [_write(fx.tmp / "busy" / "keep.txt", "x").parent],
-         "--out", "busy: holds files", "--overwrite"),
+         "--out", "busy: holds files cifar-ray did not write (keep.txt)"),
     case("report-not-a-run", lambda fx: ["report", fx.tmp],
          "neither a sweep directory", "nor a run directory"),
     case("unknown-command", lambda fx: ["fly"],
          "No such command 'fly'"),
+
+    # -------- what is not a file, not a value, or too big to decode
+    case("prepare-a-fifo", lambda fx: ["data", "prepare", fifo(fx.tmp / "data.tar.gz")],
+         "data.tar.gz: not a regular file", "not read"),
+    case("prepare-a-device", lambda fx: ["data", "prepare", "/dev/zero"],
+         "/dev/zero: not a regular file"),
+    case("prepare-a-fifo-in-the-image-tree",
+         lambda fx: ["data", "prepare", fifo(images(fx, {}) / "cat" / "pipe.png").parents[1]],
+         "cat/pipe.png: not a regular file"),
+    case("predict-image-a-fifo", lambda fx: ["predict", fx.ckpt, fifo(fx.tmp / "x.png")],
+         "x.png: not a regular file"),
+    case("predict-image-a-device", lambda fx: ["predict", fx.ckpt, "/dev/zero"],
+         "/dev/zero: not a regular file"),
+    case("config-a-fifo", lambda fx: train_args(fx, "--config", fifo(fx.tmp / "c.yaml")),
+         "c.yaml: not a regular file"),
+    case("train-empty-data", lambda fx: ["train", "--model", fx.spec, "--data", "", "--out", fx.out],
+         "data.source must be a non-empty string"),
+    case("train-empty-model", lambda fx: ["train", "--model", "", "--data", fx.data, "--out", fx.out],
+         "model.name must be a non-empty string"),
+    case("tune-empty-data", lambda fx: tune_args(fx, fx.space)[:3] + ["--data", "", "--out", fx.out],
+         "data.source must be a non-empty string"),
+    case("config-duplicate-key",
+         lambda fx: train_args(fx, "--config", _write(fx.tmp / "c.yaml", "train: {epochs: 3}\ntrain: {lr: 1}\n")),
+         "c.yaml: the key 'train' is given twice", "at line 2"),
+    case("spec-duplicate-key", lambda fx: ["models", "show", _write(fx.tmp / "n.yaml", "- {conv: 8, conv: 16}\n")],
+         "n.yaml: the key 'conv' is given twice"),
+    case("space-duplicate-key",
+         lambda fx: tune_args(fx, space_file(fx, "grid: {optim.lr: [0.1]}\ngrid: {optim.lr: [0.2]}\n")),
+         "space.yaml: the key 'grid' is given twice"),
+    case("config-number-rounds-to-0",
+         lambda fx: train_args(fx, "--config", _write(fx.tmp / "c.yaml", "optim: {weight_decay: 1.0e-400}\n")),
+         "c.yaml: the number 1.0e-400 rounds to 0.0"),
+    case("config-number-rounds-to-0-yaml-1.1-string",
+         lambda fx: train_args(fx, "--config", _write(fx.tmp / "c.yaml", "optim: {weight_decay: 1e-400}\n")),
+         "optim.weight_decay must be a number a float can hold"),
+    case("set-number-rounds-to-0", lambda fx: train_args(fx, "--set", "optim.lr=1.0e-999"),
+         "--set optim.lr=1.0e-999", "rounds to 0.0"),
+    case("set-number-overflows", lambda fx: train_args(fx, "--set", "optim.lr=1e999"),
+         "optim.lr must be a number a float can hold"),
+    case("tune-cpus-per-trial-below-ray-precision",
+         lambda fx: tune_args(fx, fx.space, "--cpus-per-trial", "0.00001"),
+         "--cpus-per-trial 1e-05", "steps of 0.0001"),
+    case("tune-gpus-per-trial-finer-than-ray",
+         lambda fx: tune_args(fx, fx.space, "--gpus-per-trial", "0.33333"),
+         "--gpus-per-trial 0.33333", "give a multiple of 0.0001"),
+    case("predict-image-over-the-pixel-budget",
+         lambda fx: ["predict", fx.ckpt, _write(fx.tmp / "x.png", png_bomb(6000))],
+         "x.png: cannot decode image: it is 6000x6000 pixels", "shrink it"),
+    case("prepare-image-over-the-pixel-budget",
+         lambda fx: ["data", "prepare", images(fx, {"cat/big.png": png_bomb(6000)})],
+         "cat/big.png: cannot decode the image: it is 6000x6000 pixels"),
 ]
 
 
@@ -893,6 +953,9 @@ def test_controls_the_good_inputs_work(fx, tmp_path):
     space = S.load_space(str(fx.space))
     assert len(S.check(space, S.resolve_settings(space, {}))) == 2
     assert invoke(["data", "prepare", write_dir(fx.tmp / "imgs", tree()[0])]).exit_code == 0
+    # A merge key overriding what it merges is not a key given twice.
+    merged = _write(fx.tmp / "merge.yaml", "x: &b {epochs: 2, batch_size: 8}\ntrain:\n  <<: *b\n  batch_size: 32\n")
+    assert C.read_yaml(merged)["train"] == {"epochs": 2, "batch_size": 32}
     # The sentinels do run code when unpickled without weights_only.
     torch.load(with_state(fx, "evil.pt", model=Sentinel(fx.marker)), weights_only=False)
     assert fx.marker.exists()
@@ -926,6 +989,8 @@ def test_real_processes_exit_2_without_traceback(fx):
         "bad-spec": ["models", "show", _write(fx.tmp / "n.yaml", f"- {{conv: {10**9}}}\n")],
         "checkpoint-with-code": ["predict", with_state(fx, "state.pt", model=Sentinel(fx.marker)), fx.image],
         "config-nested-too-deep": ["train", "--config", _write(fx.tmp / "c.yaml", "[" * 1000), "--out", fx.out],
+        # torch warns about the pickle protocol before it fails: only our line may show
+        "checkpoint-of-another-pickle-protocol": ["predict", _write(fx.tmp / "p.pt", b"\x80garbage" * 50), fx.image],
     }
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
     procs = {name: subprocess.Popen([sys.executable, "-m", "cifar_ray", *map(str, argv)], cwd=ROOT, env=env,
@@ -1020,3 +1085,82 @@ def test_fuzz_spaces(doc):
     if settings_ is not None:
         trials = parses_or_refuses(S.check, space, settings_)
         assert trials is None or isinstance(trials, list)
+
+
+# ---------------------------------------------------------------- good inputs, read right
+
+def _modes() -> dict:
+    """An image in every mode PIL writes to PNG, and its pixels converted independently
+    (numpy, from the mode's definition) to 8-bit RGB."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    gray16 = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    bits = rng.integers(0, 2, (8, 8)).astype(bool)
+    pal = Image.fromarray(rgba[..., :3]).quantize(16)
+    palette = np.array(pal.getpalette()[:48], np.uint8).reshape(16, 3)
+    gray = rgba[..., 0]
+    return {
+        "RGB": (Image.fromarray(rgba[..., :3]), rgba[..., :3]),
+        "RGBA": (Image.fromarray(rgba), rgba[..., :3]),  # alpha dropped, colour kept
+        "L": (Image.fromarray(gray), np.repeat(gray[..., None], 3, 2)),
+        "LA": (Image.fromarray(rgba[..., :2], "LA"), np.repeat(gray[..., None], 3, 2)),
+        "1": (Image.fromarray(bits), np.repeat(bits[..., None] * np.uint8(255), 3, 2)),
+        "P": (pal, palette[np.asarray(pal)]),
+        "I;16": (Image.fromarray(gray16),
+                 np.repeat(np.rint(gray16 / 257.0).astype(np.uint8)[..., None], 3, 2)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_every_image_mode_becomes_the_same_8_bit_rgb(mode, tmp_path):
+    """Each mode, written as PNG and read back by `data prepare`'s decoder and by
+    `predict`'s, equals an independent conversion (PIL's own convert("RGB") clips a 16-bit
+    grayscale image at 255: nearly white)."""
+    import io as io_
+
+    from cifar_ray.data.sources import open_image
+    from cifar_ray.inference import read_image
+
+    image, expected = _modes()[mode]
+    path = tmp_path / "x.png"
+    image.save(path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert Image.open(path).mode == mode  # the file really holds this mode
+    decoded = np.asarray(open_image("x.png", io_.BytesIO(path.read_bytes())))
+    assert decoded.dtype == np.uint8 and decoded.shape == (8, 8, 3)
+    np.testing.assert_array_equal(decoded, expected)
+    big = tmp_path / "y.png"
+    image.resize((32, 32), Image.Resampling.NEAREST).save(big)  # predict's size: no resampling
+    want = expected.repeat(4, 0).repeat(4, 1)
+    np.testing.assert_array_equal(read_image(big), want)
+
+
+def test_evaluate_on_read_only_storage_prints_accuracy_and_warns(fx, tmp_path):
+    """A run on a read-only filesystem (a real tmpfs remounted read-only, which binds root
+    too) is evaluated: the accuracy is printed, the confusion PNG is not written and a
+    warning says so, exit 0."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run = shutil.copytree(fx.run, disk / "run")
+        (run / "config.yaml").write_text(C.dump_yaml(C.from_dict(fx.state["config"])))
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        result = invoke(["evaluate", run])
+        assert result.exit_code == 0, result.output
+        assert "val accuracy" in result.stdout
+        assert result.stderr.startswith("warning: the confusion matrix PNG was not written: ")
+        assert "confusion-val.png" in result.stderr and result.stderr.count("\n") == 1
+        assert not (run / "confusion-val.png").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -679,7 +679,7 @@ def test_small_image_named_without_resize(tmp_path):
     ({"train/cat/0.png", "train/dog/0.png", "test/cat/0.png", "test/dog/"}, "class folder test/dog has no images"),
     ({"train/cat/0.png", "train/dog/0.png", "test/cat/0.png", "test/cow/0.png"},
      "train and test have different classes (only in train: dog; only in test: cow)"),
-    ({"test/cat/0.png", "test/dog/0.png"}, "no train/ split"),
+    ({"test/cat/0.png"}, "found 1 class folder(s) (cat); need at least 2"),
     ({"cat/0.png", "dog/x/0.png"}, "images must all sit at <class>/<image>"),
     ({"readme.txt"}, "no JPEG or PNG images found"),
 ])
@@ -702,6 +702,26 @@ def test_bad_layouts(tmp_path, layout, needle):
             prepare(str(src))
         one_line_error(e, str(src), needle)
     nothing_prepared(cache_home())
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar.gz"])
+def test_a_test_only_tree_is_a_test_split(tmp_path, kind):
+    """A separate test set (test/<class>/...) prepares as a test split alone: evaluate reads
+    it; training refuses it with one line."""
+    files, pixels = tree(two_splits=True)
+    files = {n: b for n, b in files.items() if n.startswith("test/")}
+    ds = load(str(write_source(kind, tmp_path, files)))
+    assert set(ds.splits) == {"test"} and ds.classes == ["cat", "dog", "frog"]
+    x, y = expected_split(pixels, ds.classes, "test/")
+    assert np.array_equal(ds.splits["test"][0], x) and np.array_equal(ds.splits["test"][1], y)
+    assert ds.mean == tuple(channel_stats(x)[0])  # its own statistics: there is no train split
+
+    from cifar_ray import config as C
+    from cifar_ray.train import load_split
+
+    with pytest.raises(UserError) as e:
+        load_split(C.load_config(None, [f"data.source={ds.path}"]))
+    one_line_error(e, "holds only a test split, nothing to train on")
 
 
 @pytest.mark.parametrize("spec, needle", [

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cifar_ray import config as C
-from cifar_ray import engine
+from cifar_ray import engine, rundir
 from cifar_ray.errors import UserError
 from cifar_ray.train import load_split, to_split
 
@@ -58,6 +58,26 @@ def test_fit_learns_synthetic(tiny_spec):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[-1]["val_acc"] > 0.35  # 10 classes: chance is 0.1
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert {h["chance"] for h in history} == {0.1}
+    assert not rundir.did_not_learn(history)
+
+
+def test_a_run_at_chance_says_so(capsys):
+    """Two epochs or more that never reach 1.5x chance: the epoch line and the summary say
+    the net is not learning; one epoch is too early to tell."""
+    from cifar_ray.train import _Console
+
+    stuck = [{"epoch": e, "train_loss": 2.303, "train_acc": 0.1, "val_loss": 2.303,
+              "val_acc": 0.104, "lr": 0.05, "images_per_s": 100.0, "seconds": 1.0,
+              "chance": 0.1} for e in (1, 2)]
+    console = _Console(2, stream=open(__import__("os").devnull, "w"))
+    console.epoch(stuck[0], stuck[:1])
+    console.epoch(stuck[1], stuck)
+    first, second = capsys.readouterr().out.splitlines()
+    assert "chance" not in first and "still at chance (0.10): not learning" in second
+    assert not rundir.did_not_learn(stuck[:1]) and rundir.did_not_learn(stuck)
+    assert not rundir.did_not_learn([{**stuck[0], "val_acc": 0.16}, stuck[1]])
+    assert not rundir.did_not_learn([{k: v for k, v in h.items() if k != "chance"} for h in stuck])
 
 
 def test_resume_equals_uninterrupted(tiny_spec, tmp_path):

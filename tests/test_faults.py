@@ -6,6 +6,7 @@ Real processes are killed at known places: cifar_ray.faults makes the process th
 a named point write its PID to a file and wait, the test kills that PID. `pytest -m faults`
 runs these alone (2.5-4 minutes on the shared 2-core VM)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -445,3 +446,207 @@ def test_a_32_trial_sweep_finishes_on_one_copy_of_the_data(ray_local, tmp_path):
     assert isinstance(arrays["train_x"], np.ndarray)
     seen = ray_local.get(loader_memory.remote([ray_local.put(arrays)]))
     assert seen == {"same_memory": True, "writeable": False}
+
+
+# ---------------------------------------------------------------- 7. what real machines have
+
+def test_one_folder_one_writer(tmp_path):
+    """While a real `cifar-ray train` process holds its --out (it waits at the fault point
+    just after claiming it), a second train into that folder, a tune into it and a --resume
+    of it are each refused with one line naming the holder's PID; once the holder is
+    SIGKILLed its claim is gone with it (the kernel drops the lock), no stale lock left to
+    clear."""
+    from cifar_ray import storage
+    from cifar_ray.fsutil import claimed
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    from cifar_ray import config as C
+
+    out = tmp_path / "run"  # an earlier run, replaced by the holder
+    C.save_config(C.load_config(None, [f"model.name={spec}", "data.source=synthetic:200"]),
+                  out / "config.yaml")
+    env = _env(tmp_path, "claimed")
+    holder = _run_cli(["train", "--model", spec, "--data", "synthetic:200", "--out", out,
+                       "--overwrite"], env, tmp_path / "holder.log")
+    try:
+        assert _wait_for_pid(tmp_path / "claimed.pid", holder) == holder.pid
+        space = tmp_path / "space.yaml"
+        space.write_text(yaml.safe_dump({"base": SWEEP_BASE, "grid": {"optim.lr": [0.1]}}))
+        for argv in (["train", "--model", spec, "--data", "synthetic:200", "--out", out,
+                      "--overwrite"],
+                     ["train", "--resume", out],
+                     ["tune", "--space", space, "--data", "synthetic:200", "--out", out]):
+            result = CliRunner().invoke(main, [str(a) for a in argv])
+            assert result.exit_code == 2, result.output
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert "another cifar-ray is writing this folder" in result.stderr
+            assert f"PID {holder.pid} " in result.stderr, result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert storage.entries(storage.locate(out)) == ["config.yaml"]  # and the killed holder's lock
+    with claimed(out, "--out"):  # free again
+        pass
+
+
+def test_overwrite_replaces_only_what_cifar_ray_wrote(tmp_path, monkeypatch):
+    """--overwrite empties a folder of a run or sweep, keeping the lock it holds; a folder
+    with anything else is refused, and so is one holding the current directory."""
+    from cifar_ray import rundir, storage
+    from cifar_ray import sweepdir as D
+
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "curves.png", "confusion-val.png",
+                 ".metrics.csv.x1.tmp", "checkpoints/epoch-0001/state.pt"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    loc = storage.locate(run, "--out")
+    storage.check_new(loc, True, rundir.RUN, "--resume")  # ours: allowed
+    with pytest.raises(Exception, match="holds another run; pass --resume"):
+        storage.check_new(loc, False, rundir.RUN, "--resume")
+    with pytest.raises(Exception, match="holds files cifar-ray did not write"):
+        storage.check_new(loc, True, D.SWEEP, "--resume")  # not a sweep's files
+    monkeypatch.chdir(run / "checkpoints")
+    with pytest.raises(Exception, match=f"the folder holds {run / 'checkpoints'}, which must not"):
+        storage.check_new(loc, True, rundir.RUN, "--resume")
+    monkeypatch.chdir(tmp_path)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(Exception) as refused:
+        storage.check_new(loc, True, rundir.RUN, "--resume")
+    assert "did not write (notes.txt)" in str(refused.value) and "--overwrite" not in str(refused.value)
+    (run / "notes.txt").unlink()
+    from cifar_ray.fsutil import LOCK, claimed
+
+    with claimed(run, "--out"):
+        storage.make_new(loc)
+        assert sorted(p.name for p in run.iterdir()) == [LOCK]
+    assert run.is_dir() and not any(run.iterdir())
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """A file that takes all the free space of `folder`'s filesystem but `leave` bytes."""
+    fd, ballast = tempfile.mkstemp(dir=folder, prefix="ballast-")
+    try:
+        os.posix_fallocate(fd, 0, max(1, shutil.disk_usage(folder).free - leave))
+    finally:
+        os.close(fd)  # an open file keeps its space after the unlink
+    return Path(ballast)
+
+
+@pytest.mark.ray
+def test_full_disk_then_damaged_checkpoints_resume(ray_local, tmp_path):
+    """On a real 20 MB tmpfs: a run whose next checkpoint does not fit ends with one error
+    line naming the folder and the bytes, exit 2. Once space is freed, with the newest
+    checkpoint then garbage and Ray's record of the checkpoints naming it and a folder that
+    is gone, --resume says which checkpoint it skips and why, continues from the newest
+    readable one, and finishes. A --resume asking for fewer epochs than done is refused."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        spec = tmp_path / "tiny.yaml"
+        spec.write_text(TINY_SPEC)
+        run = disk / "run"
+        common = ["--model", spec, "--data", "synthetic:400", "--batch-size", 64, "--lr", 0.05,
+                  "--set", "scale.max_failures=0"]
+        first = CliRunner().invoke(main, ["train", *map(str, common), "--epochs", "1",
+                                          "--out", str(run)])
+        assert first.exit_code == 0, first.output
+        size = (run / "checkpoints/epoch-0001/state.pt").stat().st_size
+        ballast = _fill(disk, size // 2)  # room for the small files, not for a checkpoint
+        full = CliRunner().invoke(main, ["train", "--resume", str(run), "--epochs", "3"])
+        assert full.exit_code == 2, full.output
+        assert full.stderr.count("\n") == 1 and "Traceback" not in full.stderr, full.stderr
+        assert f"error: {run}: no space left on the device" in full.stderr, full.stderr
+        assert "bytes" in full.stderr and f"cifar-ray train --resume {run}" in full.stderr
+        more = _fill(disk, 0)
+        for argv in (["data", "info", "synthetic:50", "--grid", disk / "grid.png"],
+                     ["data", "prepare", "synthetic:2000", "--out", disk / "prepared"]):
+            result = CliRunner().invoke(main, [str(a) for a in argv])
+            assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+            assert "no space left on the device" in result.stderr, result.stderr
+            assert not (disk / "grid.png").exists() and not (disk / "prepared").exists()
+        more.unlink()
+        ballast.unlink()
+
+        # The newest checkpoint damaged after Ray recorded it, and a recorded one deleted.
+        ckpts = run / "checkpoints"
+        record = json.loads((ckpts / "checkpoint_manager_snapshot.json").read_text())
+        (entry,) = record["checkpoint_results"]
+        for name in ("epoch-0002", "epoch-0003"):
+            record["checkpoint_results"].append({**entry, "checkpoint_dir_name": name})
+            record["checkpoint_report_indices"].append(len(record["checkpoint_report_indices"]))
+        record["latest_checkpoint_result"] = record["checkpoint_results"][-1]
+        (ckpts / "checkpoint_manager_snapshot.json").write_text(json.dumps(record))
+        (ckpts / "epoch-0002").mkdir(exist_ok=True)
+        (ckpts / "epoch-0002/state.pt").write_bytes(b"\x80garbage" * 100)
+        back = CliRunner().invoke(main, ["train", "--resume", str(run), "--epochs", "2"])
+        assert back.exit_code == 0, back.output
+        assert "skipping checkpoint of epoch 2" in back.output
+        assert "resuming from epoch 1, the newest checkpoint that can be read" in back.output
+        assert [r["epoch"] for r in rundir.read_metrics(run / "metrics.csv")] == [1, 2]
+        assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+        fewer = CliRunner().invoke(main, ["train", "--resume", str(run), "--epochs", "1"])
+        assert fewer.exit_code == 2 and "has trained 2 epochs already" in fewer.stderr
+        assert "epochs: 2" in (run / "config.yaml").read_text()  # not rewritten
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_an_unreachable_or_locked_cluster_is_one_line_within_seconds(tmp_path):
+    """RAY_ADDRESS naming a closed port, and a real cluster that wants a token this client
+    lacks: each is one error line naming the address and what to do, within seconds (Ray's
+    own client retried for a minute or more, logging every try), and no --out left."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    port, head_tmp = _free_port(), tempfile.mkdtemp(prefix="crf-")
+    token = tmp_path / "cluster-token"
+    token.write_text(os.urandom(16).hex())
+    head_env = {**_env(tmp_path), "RAY_TMPDIR": head_tmp, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(token)}
+    ray_bin = Path(sys.executable).with_name("ray")
+    try:
+        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                       env=head_env, check=True, capture_output=True, timeout=120)
+        closed = _free_port()
+        runs = {}
+        for name, address in (("closed", f"127.0.0.1:{closed}"), ("locked", f"127.0.0.1:{port}")):
+            env = {**_env(tmp_path), "RAY_ADDRESS": address}
+            argv = ["train", "--model", spec, "--data", "synthetic:200", "--batch-size", 32,
+                    "--out", tmp_path / name]
+            runs[name] = subprocess.Popen([sys.executable, "-m", "cifar_ray", *map(str, argv)],
+                                          env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True)
+        errors = {}
+        for name, proc in runs.items():
+            out, errors[name] = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (name, errors[name])
+            assert errors[name].count("\n") == 1 and out == "", errors[name]
+            assert not (tmp_path / name).exists(), name
+        assert errors["closed"].startswith(f"error: RAY_ADDRESS=127.0.0.1:{closed}: nothing "
+                                           "answers there"), errors["closed"]
+        assert errors["locked"].startswith(f"error: RAY_ADDRESS=127.0.0.1:{port}: the cluster "
+                                           "wants an authentication token"), errors["locked"]
+        assert "RAY_AUTH_MODE=token" in errors["locked"]
+    finally:
+        for pid, (_, _, cmd) in _procs().items():
+            if head_tmp in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(head_tmp, ignore_errors=True)

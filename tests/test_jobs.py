@@ -119,6 +119,12 @@ def test_train_ddp_on_gpus(jobs, monkeypatch, capsys):
     assert opt(cmd, "--out") == "s3://b/p/runs/r1"
     assert opt(cmd, "--data") == "cifar10" and opt(cmd, "--model") == "resnet18"
     assert cmd[-2:] == ["--set", "optim.lr=0.2"]  # other options pass through, last
+    sets = [cmd[i + 1] for i, w in enumerate(cmd) if w == "--set"]
+    assert "scale.cpus_per_worker=11" in sets and "scale.placement=PACK" in sets  # whole 4-GPU nodes
+    two = dry_run(monkeypatch, capsys, "train_ddp.py", "--storage", "s3://b/p", "--workers", "2",
+                  "--placement", "STRICT_PACK")
+    sets = [two[i + 1] for i, w in enumerate(two) if w == "--set"]
+    assert "scale.cpus_per_worker=3" in sets and "scale.placement=STRICT_PACK" in sets
 
 
 def test_train_ddp_smoke(jobs, monkeypatch, capsys, tmp_path):
@@ -186,17 +192,114 @@ def test_smoke_space_unknown_variant(jobs):
 
 # ---------------------------------------------------------------- runtime environments
 
-def _project_dependencies() -> list[str]:
+def _project_dependencies() -> dict[str, str]:
+    """pyproject.toml's dependencies without Ray (the image has it): name -> specifier."""
+    from packaging.requirements import Requirement
+
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    return [d for d in deps if not d.startswith("ray")]
+    reqs = [Requirement(d) for d in deps]
+    return {r.name.lower(): r.specifier for r in reqs if r.name != "ray"}
 
 
-def test_runtime_env_installs_the_project_dependencies():
+CONSTRAINTS = REPO / "cluster" / "constraints.txt"
+TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
+
+
+def _pins() -> list[str]:
+    return [line.strip() for line in CONSTRAINTS.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_constraints_pin_every_dependency_exactly():
+    """cluster/constraints.txt: one exact version per package, every dependency of
+    pyproject.toml among them (a version it allows), torch as the CUDA 12.8 build of the
+    index the configs give pip, and the same version CI tests (the local part aside)."""
+    import torch
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    reqs = [Requirement(p) for p in _pins()]
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in reqs)
+    version = {r.name.lower(): Version(next(iter(r.specifier)).version) for r in reqs}
+    assert len(version) == len(reqs)  # no package twice
+    for name, spec in _project_dependencies().items():
+        assert name in version, f"{name} is not pinned in {CONSTRAINTS.name}"
+        assert spec.contains(version[name].public), (name, spec, version[name])
+    assert version["torch"].local == version["torchvision"].local == TORCH_INDEX.rsplit("/", 1)[1]
+    assert version["torch"].public == Version(torch.__version__).public  # what CI tests
+
+
+def test_every_cluster_installs_the_constraints():
+    """The setup commands of the `ray up` configs install with the constraints file and
+    PyTorch's index; jobs/runtime_env.yaml and kuberay/rayjob.yaml list exactly its pins;
+    Ray's own RuntimeEnv accepts both (pip options, the setup timeout)."""
+    from ray.runtime_env import RuntimeEnv
+
+    for config in ("aws-gpu.yaml", "gcp-gpu.yaml"):
+        setup = " ".join(yaml.safe_load((REPO / "cluster" / config).read_text())["setup_commands"])
+        assert "-c ~/cifar-ray/cluster/constraints.txt ~/cifar-ray" in setup, config
+        assert f"--extra-index-url {TORCH_INDEX}" in setup, config
+    env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    job = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    job_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    for e in (env, job_env):
+        assert e["pip"]["packages"] == _pins()
+        assert e["pip"]["pip_install_options"] == ["--extra-index-url", TORCH_INDEX]
+        assert e["config"]["setup_timeout_seconds"] >= 1200  # a PyTorch download fits
+        checked = RuntimeEnv(**{k: v for k, v in e.items() if k != "working_dir"})
+        assert checked.pip_config()["packages"] == _pins()
+
+
+def test_runtime_env_for_the_clusters():
     env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "."
-    assert env["pip"]["packages"] == _project_dependencies()
     assert env["env_vars"]["CIFAR_RAY_STORAGE"].startswith("s3://CHANGE-ME")  # refused until set
-    assert ".git/" in env["excludes"]
+    assert ".git" in env["excludes"]
+    local = yaml.safe_load((JOBS / "runtime_env.local.yaml").read_text())
+    for config in ("aws-gpu.yaml", "gcp-gpu.yaml"):
+        rsync = yaml.safe_load((REPO / "cluster" / config).read_text())["rsync_exclude"]
+        assert rsync == env["excludes"] == local["excludes"], config
+
+
+# Planted in a copy of the repository: what a checkout in use may hold and no job needs.
+PLANTED = {"data/cifar-10-python.tar.gz": 3_000_000, "data/prepared/train.parquet": 2_000_000,
+           ".hypothesis/examples/abc/x": 1000, "runs/first/checkpoints/epoch-0001/state.pt": 2_000_000,
+           "sweeps/journey/trials.csv": 1000, ".pytest_cache/v/cache/x": 100,
+           "cifar_ray/__pycache__/cli.cpython-311.pyc": 10_000, ".venv/lib/torch.so": 4_000_000,
+           ".cache/cifar-ray/x.parquet": 1_000_000, "cifar_ray.egg-info/PKG-INFO": 100,
+           "jobs/__pycache__/jobkit.cpython-311.pyc": 1000}
+
+
+@pytest.mark.parametrize("gitignore", [True, False], ids=["with-.gitignore", "excludes-alone"])
+def test_what_a_job_uploads(tmp_path, gitignore):
+    """Ray's own packaging code (what `ray job submit --working-dir .` runs) on a copy of
+    the repository with data, run, sweep and cache folders planted: none of them goes,
+    every tracked file does (cifar_ray/data/ is code), and the zip stays small. Also with
+    Ray told to ignore .gitignore: the excludes alone keep them out."""
+    import subprocess
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    tree = tmp_path / "checkout"
+    for name in tracked:
+        if (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes((REPO / name).read_bytes())
+    for name, size in PLANTED.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(b"x" * size)
+    env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    zipped = tmp_path / "pkg.zip"
+    create_package(str(tree), zipped, include_gitignore=gitignore, excludes=env["excludes"])
+    names = set(zipfile.ZipFile(zipped).namelist())
+    went = [p for p in PLANTED if p in names]
+    assert went == [], f"uploaded: {went}"
+    assert {n for n in tracked if (REPO / n).is_file()} <= names
+    assert any(n.startswith("cifar_ray/data/") for n in names)
+    assert zipped.stat().st_size < 2_000_000, zipped.stat().st_size
 
 
 def test_local_runtime_env_installs_nothing():

@@ -171,7 +171,7 @@ def test_cnn_bad_parameters(overrides, message):
 
 def test_unknown_override_lists_the_valid_parameters():
     with pytest.raises(UserError, match=r"model seed-vgg: unknown parameter 'depth'; "
-                                        r"valid parameters: activation='relu'$"):
+                                        r"valid parameters: activation='relu', dropout=0.0$"):
         create_model("seed-vgg", depth=3)
 
 

@@ -47,10 +47,29 @@ def test_show_json_parses():
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert {"name", "params", "macs", "layers"} <= set(data)
-    assert data == json.loads(json.dumps(model_info("cnn", depth=2)))
+    assert data == json.loads(json.dumps({**model_info("cnn", depth=2), "recipe": {}}))
     row = data["layers"][0]
     assert set(row) == {"index", "type", "args", "out_shape", "params", "macs"}
     assert data["params"] == sum(r["params"] for r in data["layers"])
+
+
+def test_a_net_without_batchnorm_carries_a_recipe_it_learns_with():
+    """The config's SGD defaults leave nets without BatchNorm at chance: such a model brings
+    its own recipe, shown by `models show` and used unless the config sets those keys."""
+    from cifar_ray import config as C
+
+    shown = run("show", "cnn", "--set", "batchnorm=false")
+    assert "default recipe: optim.name=adamw, optim.lr=0.001" in shown.output
+    assert "default recipe: the config's defaults" in run("show", "seed-vgg-bn").output
+    assert json.loads(run("show", "seed-vgg-dropout", "--json").output)["recipe"] == \
+        {"optim.name": "adamw", "optim.lr": 0.001}
+    cfg = C.load_config(None, ["model.name=seed-vgg-dropout"])
+    assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.001)
+    cfg = C.load_config(None, ["model.name=seed-vgg-dropout", "optim.lr=0.0003"])  # --set wins
+    assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.0003)
+    cfg = C.load_config(None, ["model.name=seed-vgg-dropout", "optim.name=sgd"])
+    assert (cfg.optim.name, cfg.optim.lr) == ("sgd", 0.001)  # key by key, like every layer
+    assert C.load_config(None, ["model.name=seed-vgg-bn"]).optim == C.OptimConfig()
 
 
 def test_show_spec_file_and_yaml_export(tmp_path):

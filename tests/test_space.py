@@ -203,7 +203,7 @@ def fake_sweep(groups: dict[str, list[float]]):
         for seed, acc in enumerate(accs):
             trials.append(SimpleNamespace(
                 params={"variant": name, "train.seed": seed}, status="done", best_val_acc=acc,
-                changes={} if name == "base" else {"optim.lr": name}))
+                changes={} if name == "base" else {"optim.lr": name}, did_not_learn=acc < 0.15))
     variants = [SimpleNamespace(name=n, reference=None) for n in groups]
     return SimpleNamespace(trials=trials, space=SimpleNamespace(variants=variants))
 
@@ -222,6 +222,22 @@ def test_a_small_win_within_seed_noise_is_not_a_finding():
     assert d == pytest.approx(0.003) and half > abs(d)
     assert nz.df == 8 and 0.005 < nz.sd < 0.02
     assert nz.half_width(tiny) == pytest.approx(2.306 * nz.sd / 3 ** 0.5)
+
+
+def test_trials_that_never_left_chance_did_not_learn():
+    nz = noise(fake_sweep({"base": [0.800, 0.812], "stuck": [0.100, 0.104], "win": [0.850, 0.861]}))
+    verdicts = {g.label: nz.verdict(g) for g in nz.groups}
+    assert verdicts["variant stuck"] == "did not learn"
+    assert verdicts["variant win"] == "better, beyond noise"
+    stuck = next(g for g in nz.groups if g.label == "variant stuck")
+    assert stuck.values == [] and nz.df == 2  # not pooled: that spread is no seed noise
+
+
+def test_the_base_is_the_spaces_base_not_the_first_trial():
+    nz = noise(fake_sweep({"first": [0.80, 0.81], "second": [0.90, 0.91]}))
+    assert nz.base is None
+    assert {nz.verdict(g) for g in nz.groups} == {"no base to compare"}
+    assert nz.delta(nz.groups[1])[1] is None
 
 
 def test_one_seed_means_noise_unknown():

@@ -75,6 +75,25 @@ def test_evaluate_and_predict(ddp_run, tmp_path):
     assert (out / "confusion-val.png").is_file()
     text = CliRunner().invoke(main, ["evaluate", str(out), "--split", "test", "--tta"])
     assert text.exit_code == 0 and "test accuracy" in text.output and "per class" in text.output
+    # A separate test set, as people keep one: a test/<class>/ archive, a plain <class>/ folder.
+    from cifar_ray.data import load
+
+    ds = load("synthetic:800")
+    x, y = ds.splits["test"]
+    for layout in ("test/{c}/{i}.png", "{c}/{i}.png"):
+        root = tmp_path / layout.split("{")[0].strip("/") / "set"
+        for i in [i for c in range(10) for i in (y == c).nonzero()[0][:4]]:  # 4 per class
+            path = root / layout.format(c=ds.classes[y[i]], i=i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(path)
+        got = CliRunner().invoke(main, ["evaluate", str(out), "--data", str(root), "--json"])
+        assert got.exit_code == 0, got.output
+        ev = json.loads(got.output)
+        assert ev["n"] == 40 and ev["split"] == ("test" if layout.startswith("test") else "all")
+        assert sum(map(sum, ev["confusion"])) == 40 and ev["accuracy"] > 0.3
+    (root / ds.classes[0]).rename(root / "not-a-class")
+    got = CliRunner().invoke(main, ["evaluate", str(out), "--data", str(root)])
+    assert got.exit_code == 2 and "classes not-a-class are not among the checkpoint's" in got.output
     img = tmp_path / "x.png"
     Image.new("RGB", (48, 40), (200, 30, 30)).save(img)
     pred = CliRunner().invoke(main, ["predict", str(out), str(img), "--top-k", "2", "--json"])

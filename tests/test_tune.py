@@ -23,7 +23,7 @@ from cifar_ray.cli import main
 
 pytestmark = pytest.mark.ray
 
-DATA = "synthetic:800"  # 0.3-0.7 after 2 epochs, 0.7-0.9 after 3 with the base below; ~1 s an epoch
+DATA = "synthetic:800"  # 0.2-0.4 after 2 epochs, 0.3-0.75 after 3 with the base below; ~1 s an epoch
 BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 16, "convs": 1, "dense_layers": 0}},
         "train": {"epochs": 3, "batch_size": 32}, "optim": {"lr": 0.1, "warmup_epochs": 0.0},
         "aug": {"crop_pad": 0, "hflip": "none"}}
@@ -70,7 +70,8 @@ def test_asha_stops_weak_trials_and_a_failed_trial_does_not_stop_the_sweep(sweep
     assert any(g["status"] == "done" and g["epochs"] == "3" for g in goods)
     for seed in "01":
         good, frozen, nan = (trials[(v, seed)] for v in ("good", "frozen", "nan"))
-        assert good["status"] in ("done", "stopped") and float(good["best_val_acc"]) > 0.25
+        # Twice chance at least: ASHA may stop a slow seed at epoch 2 (0.23 measured there).
+        assert good["status"] in ("done", "stopped") and float(good["best_val_acc"]) > 0.2
         assert frozen["status"] == "stopped" and frozen["stopped_early"] == "True"
         assert frozen["epochs"] == "2" and float(frozen["best_val_acc"]) < 0.2  # chance: 0.1
         assert nan["status"] == "failed" and nan["epochs"] == "0"
@@ -119,8 +120,16 @@ def test_report_ranks_compares_with_noise_and_plots(sweep):
     assert "## Configurations against seed noise" in text
     assert ("Seed-to-seed noise" in text) == (len(full) >= 2)
     assert ("the noise is unknown" in text) == (len(full) < 2)
+    # lr 0 stays at chance: "did not learn" (never 1.5x chance in its 2 epochs), not "worse".
     frozen = next(line for line in text.splitlines() if line.startswith("| variant frozen"))
-    assert "stopped by ASHA (2/2 seeds)" in frozen and "| 0.500 |" in frozen  # its reference
+    stuck = [t for t in read_trials(out) if t["variant"] == "frozen"
+             and float(t["best_val_acc"]) < 0.15]
+    assert ("| did not learn |" in frozen) == (len(stuck) == 2)
+    assert "| 0.500 |" in frozen  # its reference
+    if stuck:
+        assert f"{len(stuck)} did not learn (never above 1.5x chance)" in text
+        assert "did not learn, stopped by ASHA at epoch 2" in text
+        assert "left out of the means" in text
     nan = next(line for line in text.splitlines() if line.startswith("| variant nan"))
     assert "| failed |" in nan
     assert "stopped by ASHA at epoch" in text and "failed: loss became nan" in text
@@ -176,6 +185,27 @@ def test_resources_beyond_the_cluster_fail_before_any_trial(ray_local, tmp_path)
         assert result.exit_code == 2, result.output
         assert match in result.output
         assert not (tmp_path / "o").exists()
+
+
+def test_workers_killed_for_memory_stop_the_sweep_with_one_line(ray_local, tmp_path, monkeypatch):
+    """Ray's memory monitor killing a trial's actor as it starts makes Tune's controller raise
+    (it does not handle that): the sweep ends with one line and the resume command."""
+    from cifar_ray import tune as tune_mod
+
+    class Fit:
+        def fit(self):
+            raise RuntimeError("Caught unexpected exception: 2 worker(s) were killed due to "
+                               "the node running low on memory. Memory on the node ...")
+
+    monkeypatch.setattr(tune_mod, "_tuner", lambda *a, **k: Fit())
+    out = tmp_path / "out"
+    result = tune("--space", write_space(tmp_path / "s.yaml", variants=[{"name": "a"}]),
+                  "--data", DATA, "--out", out)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "ran low on memory" in lines[-1]
+    assert f"cifar-ray tune --resume {out}" in lines[-1]
+    assert not tune_mod._out_of_memory(RuntimeError("some other failure"))
 
 
 def test_out_holding_a_sweep_is_refused(sweep):

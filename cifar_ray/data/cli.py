@@ -63,7 +63,7 @@ def prepare_cmd(source, out, resize):
 @click.argument("source", metavar="DATA")
 @click.option("--json", "as_json", is_flag=True, help="Print meta.json (and the path) as JSON.")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write a PNG grid of sample train images, one row per class.")
+              help="Write a PNG grid of sample train (else test) images, one row per class.")
 def info_cmd(source, as_json, grid):
     """Show splits, images per class and mean/std of DATA (any SOURCE of `prepare`)."""
     from cifar_ray.data import prepare, read_meta
@@ -84,8 +84,9 @@ def info_cmd(source, as_json, grid):
     for c in meta["classes"]:
         lines.append(f"{c:<{width}}" + "".join(f"{info['per_class'][c]:>9}" for info in splits.values()))
     lines.append(f"{'total':<{width}}" + "".join(f"{info['count']:>9}" for info in splits.values()))
-    lines += ["", "train mean (0-1, RGB)  " + "  ".join(f"{v:.4f}" for v in meta["mean"]),
-              "train std  (0-1, RGB)  " + "  ".join(f"{v:.4f}" for v in meta["std"])]
+    of = "train" if "train" in splits else "test "
+    lines += ["", f"{of} mean (0-1, RGB)  " + "  ".join(f"{v:.4f}" for v in meta["mean"]),
+              f"{of} std  (0-1, RGB)  " + "  ".join(f"{v:.4f}" for v in meta["std"])]
     if grid is not None:
         lines.append(f"grid    {grid}")
     click.echo("\n".join(lines))
@@ -109,7 +110,8 @@ def _write_grid(source: str, out: Path, per_class: int = 8) -> None:
 
     _check_grid(out)
     ds = load(source)
-    x, y = ds.splits["train"]
+    split = "train" if "train" in ds.splits else "test"
+    x, y = ds.splits[split]
     pad = 2
     tile = 32 + pad
     mosaic = np.full((len(ds.classes) * tile + pad, per_class * tile + pad, 3), 255, np.uint8)
@@ -120,7 +122,7 @@ def _write_grid(source: str, out: Path, per_class: int = 8) -> None:
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([pad + row * tile + 16 for row in range(len(ds.classes))], ds.classes)
     ax.set_xticks([])
-    ax.set_title(f"{source}: train samples", fontsize=8)
+    ax.set_title(f"{source}: {split} samples", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")

@@ -38,7 +38,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from cifar_ray.data import synthetic
-from cifar_ray.errors import UserError
+from cifar_ray.errors import UserError, quote
+from cifar_ray.fsutil import refuse_special
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -49,6 +50,10 @@ SOURCE_HELP = (
     ".tar.gz, .tgz or .zip, or a prepared dataset directory"
 )
 CHUNK = 2048  # images per decode task
+# Pixels an image may have: every image becomes 32x32 anyway, and this holds an 8K frame
+# (7680x4320). Beyond it, a small file would decode into gigabytes (PIL's generic limit,
+# 89M with only a warning up to 179M, is far above what this tool needs).
+MAX_PIXELS = 2**25
 MAX_SYNTHETIC = 1_000_000  # synthetic:N images (3 GB of uint8 pixels)
 # An archive is held in memory whole, decompressed. Images barely compress, so far more
 # bytes out than in is a decompression bomb: refuse beyond this ratio (small ones pass).
@@ -88,6 +93,7 @@ def resolve(spec: str, resize: bool = False) -> Source:
             raise UserError(f"{spec}: no such file or directory; check the path")
         raise UserError(f"{spec}: unknown SOURCE; {SOURCE_HELP}")
     path = path.resolve()
+    refuse_special(path)
     if path.is_dir():
         if (path / "meta.json").is_file():
             return Source(spec, "prepared", f"prepared dataset {path}", "", path)
@@ -484,19 +490,19 @@ def _label(where, names, folders, pixels, skipped) -> Decoded:
                             f"add JPEG or PNG images to it or remove it")
         if found:
             classes[split] = sorted(found)
-    if "train" not in classes:
-        raise UserError(f"{where}: there is a test/ split but no train/ split; add train/<class>/ folders")
-    if len(classes["train"]) < 2:
-        raise UserError(f"{where}: found {len(classes['train'])} class folder(s) "
-                        f"({', '.join(classes['train'])}); need at least 2 <class>/ folders of images")
-    if "test" in classes and classes["test"] != classes["train"]:
+    # A test/ split alone is a held-out set: it can be evaluated on, not trained on.
+    names_of = classes.get("train") or classes["test"]
+    if len(names_of) < 2:
+        raise UserError(f"{where}: found {len(names_of)} class folder(s) "
+                        f"({', '.join(names_of)}); need at least 2 <class>/ folders of images")
+    if len(classes) == 2 and classes["test"] != classes["train"]:
         only_train = set(classes["train"]) - set(classes["test"])
         only_test = set(classes["test"]) - set(classes["train"])
         raise UserError(f"{where}: train and test have different classes (only in train: "
                         f"{', '.join(sorted(only_train)) or '-'}; only in test: "
                         f"{', '.join(sorted(only_test)) or '-'}); give both splits the same class folders")
 
-    index = {c: i for i, c in enumerate(classes["train"])}
+    index = {c: i for i, c in enumerate(names_of)}
     paths = np.array(["/".join(p) for p in names])
     labels = np.array([index[p[1]] for p in names], np.int64)
     splits = {}
@@ -506,7 +512,7 @@ def _label(where, names, folders, pixels, skipped) -> Decoded:
         idx = idx[np.argsort(paths[idx], kind="stable")]
         in_order = len(idx) == len(pixels) and np.array_equal(idx, np.arange(len(idx)))
         splits[split] = (pixels if in_order else pixels[idx], labels[idx])  # skip a 150 MB copy
-    return Decoded(classes["train"], splits, skipped)
+    return Decoded(names_of, splits, skipped)
 
 
 # ---------------------------------------------------------------- decoding
@@ -575,15 +581,53 @@ def _decode_jpegs_torchvision(blobs, out, where) -> set[int]:
     return set(done)
 
 
+def open_image(name: str, file, failed: str = "cannot decode the image",
+               fix: str = "replace or remove the file"):
+    """An image file (a path or a file object) as a PIL image in RGB, 8 bits per channel;
+    UserError("{name}: {failed} ...; {fix}") for one that is not an image or larger than
+    MAX_PIXELS. The size is checked from the header, before anything is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb warning: MAX_PIXELS is ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise UserError(f"{name}: {failed}: it is {w}x{h} pixels, more than the "
+                                    f"{MAX_PIXELS:,} cifar-ray decodes (a decompression bomb, or "
+                                    f"a picture far larger than the 32x32 it becomes); shrink it or {fix}")
+                return to_rgb(img)
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: {failed} (not an image file PIL knows); {fix}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # A truncated file, a corrupt one, or a header beyond PIL's own limit.
+        raise UserError(f"{name}: {failed} ({quote(e)}); {fix}") from None
+
+
+def to_rgb(img):
+    """`img` in RGB, 8 bits per channel. PIL's convert("RGB") is right for 8-bit modes
+    (grayscale, palette, RGBA and LA lose alpha, CMYK) but clips 16- and 32-bit integer
+    and float pixels at 255 instead of scaling them: a 16-bit grayscale PNG came out
+    nearly white. Those are scaled from their type's full range (float: from 0..1)."""
+    from PIL import Image
+
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;"):
+        return img.convert("RGB")
+    pixels = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        scaled = np.clip(np.nan_to_num(pixels), 0.0, 1.0) * 255.0
+    else:  # I;16* (0..65535); I (32-bit): a 16-bit PNG's values, else the positive range
+        top = 65535.0 if img.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else 2.0**31 - 1
+        scaled = np.clip(pixels, 0.0, top) * (255.0 / top)
+    gray = np.rint(scaled).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
+
+
 def _decode_pil(name: str, blob: bytes, resize: bool) -> np.ndarray:
     from PIL import Image, ImageOps
 
-    try:
-        with Image.open(io.BytesIO(blob)) as img:
-            # Grayscale, palette, RGBA (alpha dropped) and CMYK images all become RGB.
-            img = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{name}: cannot decode the image ({e}); replace or remove the file") from None
+    img = open_image(name, io.BytesIO(blob))
     if img.size != (32, 32):
         if not resize:
             w, h = img.size
@@ -596,6 +640,7 @@ def _decode_pil(name: str, blob: bytes, resize: bool) -> np.ndarray:
 # ---------------------------------------------------------------- helpers
 
 def _read_bytes(path: Path) -> bytes:
+    refuse_special(path)
     try:
         return path.read_bytes()
     except OSError as e:

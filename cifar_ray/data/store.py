@@ -117,8 +117,8 @@ def read_meta(path: str | os.PathLike) -> dict:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise bad(f"format version {version}, this cifar-ray reads version {FORMAT_VERSION}")
     missing = [key for key in ("classes", "splits", "mean", "std") if key not in meta]
-    if missing or not isinstance(meta["splits"], dict) or "train" not in meta["splits"]:
-        raise bad(f"meta.json lacks {', '.join(missing) or 'a train split'}")
+    if missing or not isinstance(meta["splits"], dict) or not meta["splits"]:
+        raise bad(f"meta.json lacks {', '.join(missing) or 'a split'}")
     classes, splits = meta["classes"], meta["splits"]
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
         raise bad("meta.json: classes must be a list of at least 2 names")
@@ -167,7 +167,8 @@ def _write(folder: Path, decoded: Decoded, src: Source, key: str) -> None:
     splits = {}
     with ThreadPoolExecutor(1) as thread:
         # numpy and Arrow release the GIL: the statistics and the Parquet writes overlap.
-        stats = thread.submit(channel_stats, decoded.splits["train"][0])
+        # A test-only set (for evaluation) gets its own statistics; runs use the checkpoint's.
+        stats = thread.submit(channel_stats, decoded.splits.get("train", decoded.splits.get("test"))[0])
         for name, (x, y) in decoded.splits.items():
             _write_split(folder / f"{name}.parquet", x, y)
             counts = np.bincount(y, minlength=len(classes))

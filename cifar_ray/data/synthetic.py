@@ -1,9 +1,13 @@
 """A small, seeded, learnable 10-class 32x32 RGB set for smoke tests (`synthetic[:N]`).
 
-Each class is a patch of stripes: 5 orientations (0, 36, ..., 144 degrees) x 2 stripe
-periods (coarse 8 px, fine 4 px). Everything else is nuisance, drawn at random per image:
-stripe phase, patch position (+-6 px), patch size, background and stripe colours, a little
-orientation/period jitter and pixel noise. So no single pixel or colour says the class (a
+Each class is a patch of stripes: 5 tilts from the horizontal (0, 22.5, 45, 67.5, 90
+degrees, leaning left or right at random) x 2 stripe periods (coarse 8 px, fine 4 px). A
+mirror image tilts the other way, so flips keep every image in its class: the default
+augmentation (random horizontal flip) helps here as on photographs. (Version 1 used
+orientations 0-144 degrees, which a flip swaps between classes: with flips on no net could
+pass 0.6.) Everything else is nuisance, drawn at random per image: stripe phase, patch
+position (+-6 px), patch size, background and stripe colours, a little orientation/period
+jitter and pixel noise. So no single pixel or colour says the class (a
 classifier on raw pixel means is near chance), while a tiny CNN, whose 3x3 filters see
 orientation and frequency directly, learns it in an epoch or two.
 
@@ -15,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-VERSION = 1  # bump when the images change: it is part of the cache key
-ANGLES = (0, 36, 72, 108, 144)  # stripe orientation of class c % 5, degrees
+VERSION = 2  # bump when the images change: it is part of the cache key
+ANGLES = (0, 22.5, 45, 67.5, 90)  # stripe tilt of class c % 5 (either way), degrees
 PERIODS = {"coarse": 8.0, "fine": 4.0}  # stripe period of class c // 5, pixels
 CLASSES = [f"{kind}-{angle}deg" for kind in PERIODS for angle in ANGLES]
 
@@ -32,7 +36,8 @@ def generate(n_train: int = 2000, n_test: int = 500, seed: int = 0) -> dict:
 def _images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     # Balanced classes (counts differ by at most one), in random order.
     y = rng.permutation(np.arange(n) % len(CLASSES))
-    angle = np.deg2rad(np.take(ANGLES, y % 5) + rng.normal(0, 3, n))
+    tilt = np.take(ANGLES, y % 5) * rng.choice([-1.0, 1.0], n)
+    angle = np.deg2rad(tilt + rng.normal(0, 3, n))
     period = np.take(list(PERIODS.values()), y // 5) * rng.uniform(0.9, 1.1, n)
     phase = rng.uniform(0, 2 * np.pi, n)
     cx, cy = 15.5 + rng.uniform(-6, 6, (2, n))

@@ -5,9 +5,9 @@
     net = create_model("my-net.yaml")
 """
 
-from cifar_ray.models.registry import (create_model, get_spec, list_models, model_info,
-                                       register)
+from cifar_ray.models.registry import (create_model, default_recipe, get_spec, list_models,
+                                       model_info, register)
 from cifar_ray.models.spec import build_model, dump_spec, load_spec, normalize, summarize
 
-__all__ = ["build_model", "create_model", "dump_spec", "get_spec", "list_models",
+__all__ = ["build_model", "create_model", "default_recipe", "dump_spec", "get_spec", "list_models",
            "load_spec", "model_info", "normalize", "register", "summarize"]

@@ -84,7 +84,8 @@ def show(model, sets, as_json, as_yaml):
 
     MACs count multiply-accumulates of conv and dense layers (the classifier included);
     BatchNorm, pooling, activations and residual adds count 0."""
-    from cifar_ray.models.registry import get_entry, get_spec, list_models, model_info
+    from cifar_ray.models.registry import (default_recipe, get_entry, get_spec, list_models,
+                                           model_info)
     from cifar_ray.models.spec import spec_yaml
 
     overrides = _parse_sets(sets)
@@ -92,6 +93,7 @@ def show(model, sets, as_json, as_yaml):
         click.echo(spec_yaml(get_spec(model, **overrides)), nl=False)
         return
     info = model_info(model, **overrides)
+    info["recipe"] = default_recipe(model, **overrides)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -104,3 +106,7 @@ def show(model, sets, as_json, as_yaml):
     click.echo(_table(rows, "<<<>>"))
     click.echo(f"total: {info['params']:,} params ({_human(info['params'])}), "
                f"{info['macs']:,} MACs per image ({_human(info['macs'])})")
+    recipe = ", ".join(f"{k}={v}" for k, v in info["recipe"].items())
+    click.echo(f"default recipe: {recipe} (no BatchNorm: the config's SGD defaults leave it at "
+               "chance; --config/--set/flags override)" if recipe else
+               "default recipe: the config's defaults (sgd, lr 0.05, onecycle)")

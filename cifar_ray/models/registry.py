@@ -22,7 +22,7 @@ from typing import Any, Callable
 from torch import nn
 
 from cifar_ray.errors import UserError, shown
-from cifar_ray.models.spec import build_model, load_spec, normalize, summarize
+from cifar_ray.models.spec import build_model, has_batchnorm, load_spec, normalize, summarize
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 
@@ -136,6 +136,19 @@ def resolve(name_or_path: str | Path | list, **overrides) -> Resolved:
     kwargs = {k: _check_override(entry, k, v) for k, v in overrides.items()}
     source = f"model {entry.name}"
     return Resolved(entry.name, entry.description, normalize(entry.fn(**kwargs), source), source)
+
+
+# The config's defaults (SGD, lr 0.05, one-cycle) train nets with BatchNorm. Nets without it
+# stay at chance under them on real CIFAR-10 images (train loss 2.303 for every epoch): too
+# large a step for an unnormalised net. Adam at the seed's own 1e-3 trains every one of them
+# (BENCHMARKS.md, "Recipes"), so a net without BatchNorm starts from this recipe instead.
+NO_NORM_RECIPE = {"optim.name": "adamw", "optim.lr": 0.001}
+
+
+def default_recipe(name_or_path: str | Path, **overrides) -> dict:
+    """Config keys (dotted) that this model trains with unless the config sets them: {} for
+    nets with BatchNorm, NO_NORM_RECIPE for nets without (a spec file too)."""
+    return {} if has_batchnorm(resolve(name_or_path, **overrides).spec) else dict(NO_NORM_RECIPE)
 
 
 def get_spec(name_or_path: str | Path | list, **overrides) -> list[dict]:

@@ -380,9 +380,10 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _has_bn(layers: list[dict]) -> bool:
+def has_batchnorm(layers: list[dict]) -> bool:
+    """Whether a canonical spec normalises anywhere (a batchnorm layer or flag, residuals too)."""
     return any(l["type"] == "batchnorm" or l.get("batchnorm") is True
-               or (l["type"] == "residual" and _has_bn(l["body"])) for l in layers)
+               or (l["type"] == "residual" and has_batchnorm(l["body"])) for l in layers)
 
 
 def _row(index, layer: dict, shape, module: nn.Module, macs: int) -> dict:
@@ -502,7 +503,7 @@ def _build_residual(layer: dict, shape: tuple, at: str, label: str):
         if stride is None:
             raise UserError(f"{label}: its body maps {_fmt(shape)} to {_fmt(out)}, which no "
                             f"strided 1x1 shortcut can match; use padding: same in the body")
-        bn = _has_bn(layer["body"])
+        bn = has_batchnorm(layer["body"])
         sc = {"type": "conv", "filters": out[0], "kernel": 1, "stride": stride,
               "padding": "valid", "groups": 1, "bias": not bn, "batchnorm": bn,
               "activation": "identity"}

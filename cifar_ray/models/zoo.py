@@ -60,11 +60,16 @@ def seed_small(filters: int = 1, units: int = 60, activation: str = "relu"):
     return features + ["flatten"] + walk([units, units], lambda u: dense(u, activation))
 
 
+# The seed's next step put "Dropout(.2) in three places" of code block 1 without saying where:
+# here after each of the two pools and between the Dense(2000) layers (rate 0: none, faithful).
+SEED_VGG_DROPS = [64, 64, "M", "D", 128, 256, "M", "D", 256, 512]
+
+
 @register("seed-vgg")
-def seed_vgg(activation: str = "relu"):
+def seed_vgg(activation: str = "relu", dropout: float = 0.0):
     """The seed's VGG16-like net (code block 1), faithful: valid padding, Flatten, 2x Dense 2000."""
-    return (walk(SEED_VGG, lambda f: conv(f, activation=activation)) + ["flatten"]
-            + walk(SEED_HEAD, lambda u: dense(u, activation)))
+    return (walk(SEED_VGG_DROPS, lambda f: conv(f, activation=activation), dropout) + ["flatten"]
+            + walk(SEED_HEAD, lambda u: dense(u, activation), dropout))
 
 
 @register("seed-vgg-dropout")
