@@ -31,6 +31,7 @@ from bench_tune import PeakMemory  # noqa: E402
 
 from cifar_ray import space as S  # noqa: E402
 from cifar_ray import tune as TU  # noqa: E402
+from cifar_ray.train import init_local  # noqa: E402
 
 MODEL = {"name": "cnn", "args": {"depth": 2, "filters": 16, "convs": 1, "dense_layers": 0}}
 
@@ -110,8 +111,8 @@ def main():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
+    init_local(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+               logging_level="WARNING")
     sizes = [int(n) for n in args.sizes.split(",")]
     runs = [sweep(n, args.trials, args.epochs) for n in sizes]
     small, big = runs[0], runs[-1]

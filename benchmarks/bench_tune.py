@@ -31,6 +31,7 @@ from pathlib import Path
 from cifar_ray import config as C
 from cifar_ray import space as S
 from cifar_ray import tune as TU
+from cifar_ray.train import init_local
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 MODEL = {"name": "cnn", "args": {"depth": 2, "filters": 16, "convs": 1, "dense_layers": 0}}
@@ -67,8 +68,8 @@ def overhead(args) -> dict:
     for lr in lrs:
         engine.fit(C.replace(base, optim__lr=lr), split, device=torch.device("cpu"))
     alone = time.perf_counter() - t0
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
+    init_local(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+               logging_level="WARNING")
     serial = sweep(space, concurrent=1, cpus_per_trial=cpus)
     packed = sweep(space, cpus_per_trial=1)
     ray.shutdown()
@@ -136,8 +137,8 @@ def memory(args) -> dict:
     import ray
 
     lrs = [round(0.02 + 0.01 * i, 3) for i in range(args.trials)]
-    ray.init(address="local", num_cpus=args.trials, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING")
+    init_local(num_cpus=args.trials, include_dashboard=False,
+               log_to_driver=False, logging_level="WARNING")
     out = {"bench": "tune-memory", "trials": args.trials, "data": args.data, "limit": args.limit,
            "batch_size": args.batch_size}
     with PeakMemory() as idle:

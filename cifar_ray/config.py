@@ -36,6 +36,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "seed-vgg-bn"  # a registered model name or a path to a layer-spec YAML file
     args: dict = field(default_factory=dict)  # keyword overrides for the model family
+    # The layers of the spec file `name` names, read by the driver: every worker builds the
+    # model from these, on any node, whether or not the file is there.
+    spec: list = field(default_factory=list)  # layer dicts (empty for a registered name)
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,10 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad("a mapping of names to values")
         return dict(value)
+    elif tp is list:
+        if not isinstance(value, list):
+            raise bad("a list")
+        return list(value)
     if key in RANGES:
         lo, hi, hi_inclusive = RANGES[key]
         if value < lo or (hi is not None and (value > hi if hi_inclusive else value >= hi)):

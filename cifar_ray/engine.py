@@ -160,7 +160,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_model(cfg: C.Config, num_classes: int, device: torch.device) -> nn.Module:
-    model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.args)
+    model = create_model(cfg.model.spec or cfg.model.name, num_classes=num_classes, **cfg.model.args)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -259,11 +259,12 @@ def _variants(items: Any, source: str, folder: Path | None) -> list[Variant]:
 # ---------------------------------------------------------------- trials' configs
 
 def apply(data: dict, overrides: dict) -> dict:
-    """Nested config data with dotted overrides; a new model.name starts empty model.args."""
+    """Nested config data with dotted overrides; a new model.name starts empty model.args
+    (and no model.spec: tune.py sends each spec file's layers to the trials)."""
     for key in sorted(overrides, key=lambda k: k != "model.name"):  # the model first
         value = overrides[key]
         if key == "model.name" and value != (data.get("model") or {}).get("name"):
-            data = C.set_dotted(data, "model.args", {})
+            data = C.set_dotted(C.set_dotted(data, "model.args", {}), "model.spec", [])
         data = C.set_dotted(data, key, value)
     return data
 
@@ -426,7 +427,7 @@ def check(space: Space, settings: Settings) -> list[dict]:
         key = repr((cfg.model.name, sorted(cfg.model.args.items())))
         if key not in models:
             try:
-                model_info(cfg.model.name, **cfg.model.args)
+                model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
             models.add(key)

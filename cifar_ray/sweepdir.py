@@ -60,6 +60,7 @@ class Trial:
     reason: str = ""
     checkpoint: str = ""  # best checkpoint's state.pt, relative to the sweep dir
     changes: dict = field(default_factory=dict)  # dotted key -> value, vs the base (no seed)
+    node_id: str = ""  # the Ray node of its latest epoch (a bad node: a cluster of failures)
 
     @property
     def epochs(self) -> int:
@@ -252,8 +253,9 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
         else:
             state, reason = ("done" if len(history) >= base.train.epochs else "incomplete"), ""
         cfg = S.trial_config(space, settings, params, f"{dirs[-1]}/params.json")
+        nodes = [r["node_id"] for r in rows if isinstance(r.get("node_id"), str)]
         trial = Trial(trial_id, params, cfg, history, state, reason,
-                      changes=S.changes(base, cfg))
+                      changes=S.changes(base, cfg), node_id=nodes[-1] if nodes else "")
         ckpts = {}
         for d in dirs:
             ckpts.update(_checkpoints(sweep, d, rows))
@@ -321,7 +323,7 @@ def trial_rows(sw: Sweep) -> list[dict]:
                     "best_epoch": t.best_epoch or "", "epochs": t.epochs,
                     "max_epochs": sw.max_epochs, "status": t.status,
                     "stopped_early": t.status == "stopped", "reason": t.reason,
-                    "checkpoint": t.checkpoint})
+                    "checkpoint": t.checkpoint, "node_id": t.node_id})
     return out
 
 

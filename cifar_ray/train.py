@@ -14,7 +14,9 @@ itself, and the driver writes its files into a local stage and uploads each as i
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -30,6 +32,8 @@ from cifar_ray.errors import UserError
 from cifar_ray.fsutil import is_out_of_space, out_of_space
 
 RUN_NAME = rundir.CHECKPOINTS  # Ray's experiment folder inside the run directory
+LOOPBACK = "127.0.0.1"  # where a local Ray listens: nothing of it on the machine's network
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode (see init_local)
 
 
 # ---------------------------------------------------------------- data for a run
@@ -77,8 +81,8 @@ def to_split(arrays: dict):
 class _RayReporter:
     """Engine → Ray: epoch ends become `ray.train.report` (+ checkpoint on rank 0)."""
 
-    def __init__(self, queue, rank: int):
-        self.queue, self.rank = queue, rank
+    def __init__(self, queue, rank: int, node_id: str = ""):
+        self.queue, self.rank, self.node_id = queue, rank, node_id
         self._last_put = 0.0
 
     def _put(self, item) -> None:
@@ -98,18 +102,26 @@ class _RayReporter:
     def error(self, message: str) -> None:
         self._put(("error", message))
 
+    def worker(self, info: dict) -> None:
+        """Where this rank runs (every rank sends it, once per start of the group)."""
+        try:
+            self.queue.put_nowait(("worker", info))
+        except Exception:
+            pass
+
     def epoch_end(self, metrics, state):
         import ray.train
 
         from cifar_ray.engine import save_state
 
         name = f"epoch-{metrics['epoch']:04d}"
+        reported = {**metrics, "node_id": self.node_id}  # a sweep's trials.csv shows it
         if state is None:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(state(), Path(tmp) / rundir.STATE_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=name)
         self._put(("epoch", metrics))
 
@@ -148,9 +160,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("checkpoints"):
         newest = newest_in(Path(loop_config["checkpoints"]), resume["epoch"] if resume else 0)
         resume = newest or resume
-    reporter = _RayReporter(loop_config.get("queue"), rank)
+    device = ray.train.torch.get_device()
+    where = worker_info(rank, device)
+    reporter = _RayReporter(loop_config.get("queue"), rank, where["node_id"])
+    if reporter.queue is not None:
+        reporter.worker(where)
     try:
-        engine.fit(cfg, to_split(arrays), device=ray.train.torch.get_device(), rank=rank,
+        engine.fit(cfg, to_split(arrays), device=device, rank=rank,
                    world_size=world, wrap=ray.train.torch.prepare_model, resume=resume,
                    reporter=reporter)
     except engine.NonFiniteLoss as e:
@@ -158,6 +174,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # reports once more: the run ends normally and the driver shows the reason.
         reporter.error(str(e))
         ray.train.report({"error": str(e)}, checkpoint=None)
+
+
+def worker_info(rank: int, device) -> dict:
+    """{rank, node_id, node_ip, device[, gpu]}: where a worker (or a trial) runs."""
+    import ray
+    import torch
+
+    info = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 # ---------------------------------------------------------------- the driver
@@ -189,8 +217,8 @@ class Resources:
 
 
 def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool = False) -> None:
-    """Connect to RAY_ADDRESS if set, else start a private local instance, with Ray's
-    dashboard only when `dashboard` (it also serves the State API, see tune.py).
+    """Connect to RAY_ADDRESS if set, else start a private local instance on 127.0.0.1, with
+    Ray's dashboard only when `dashboard` (it also serves the State API, see tune.py).
 
     Workers' and Ray's own log lines reach the terminal only with `verbose`: the driver
     prints progress itself, and a worker's error comes back with `fit()`'s exception."""
@@ -203,6 +231,12 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        # A cluster on 127.0.0.1 (all its nodes on this machine): Ray would resolve the
+        # address to the machine's network address, where it does not listen.
+        if address.split("://")[-1].startswith((LOOPBACK, "localhost")):
+            from ray._private import ray_constants
+
+            os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
         check_cluster(address)
         fault_env = faults.env()  # tests only
         ray.init(address=address, log_to_driver=verbose,
@@ -213,13 +247,88 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool
         auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = auth.level
         auth.setLevel(logging.INFO if verbose else logging.ERROR)
-        try:  # loopback: a private instance serves this machine only (Ray picks the
-            # network's address by default)
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                     log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING",
-                     _node_ip_address="127.0.0.1")
+        try:
+            init_local(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=verbose,
+                       logging_level="INFO" if verbose else "WARNING")
         finally:
             auth.setLevel(level)
+
+
+def init_local(**kwargs) -> None:
+    """`ray.init(address="local", **kwargs)` listening on 127.0.0.1 only (see `loopback`).
+    The process stays in Ray's single-machine mode afterwards: its Ray clients (the State
+    API, ...) would otherwise turn 127.0.0.1 into the machine's address too."""
+    import ray
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
+
+
+@contextlib.contextmanager
+def loopback():
+    """While Ray starts nodes in this block (the tests' clusters), they listen on 127.0.0.1
+    only: nothing of a local Ray on the machine's network. Ray turns a loopback node address
+    into the machine's unless it is in its single-machine mode, which one variable turns on
+    (read by the processes Ray starts, and by this one's Ray at import: its copy is set too)."""
+    from ray._private import ray_constants
+
+    saved = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved[0]
+
+
+def _sees(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+def check_shared(loc: storage.Location, echo=print) -> None:
+    """On a Ray cluster of several nodes, refuse a folder on the local disk that another
+    node does not see: Ray's workers write checkpoints into it on their own nodes. A marker
+    file written here is looked for by a task pinned to each other node."""
+    import ray
+    from pyarrow import fs as pafs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as OnNode
+
+    here = ray.get_runtime_context().get_node_id()
+    others = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()
+              if n.get("Alive") and n["NodeID"] != here}
+    if not others or not isinstance(loc.fs, pafs.LocalFileSystem):
+        return
+    folder = Path(loc.path)
+    while not folder.is_dir():
+        folder = folder.parent
+    token = secrets.token_hex(8)
+    marker = folder / f".cifar-ray-shared-{token}"
+    try:
+        marker.write_text(token)
+    except OSError:
+        return  # an unwritable folder is refused by make_new, with its reason
+    try:
+        look = ray.remote(num_cpus=0)(_sees)
+        refs = {look.options(scheduling_strategy=OnNode(n, soft=False)).remote(str(marker), token): n
+                for n in others}
+        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=60)
+        blind = [others[refs[r]] for r in done if not ray.get(r)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if late:
+        echo(f"warning: {len(late)} node(s) did not answer whether they see {loc.text}")
+    if blind:
+        raise UserError(f"{loc.flag} {loc.text}: a folder that {len(blind)} of the Ray cluster's "
+                        f"{len(others) + 1} nodes do not see ({', '.join(sorted(set(blind)))}), "
+                        "but every node writes checkpoints into it; give a bucket "
+                        "(s3://BUCKET/PREFIX, gs://BUCKET/PREFIX) or a folder all nodes mount")
 
 
 PROBE_S = 10.0  # seconds a cluster has to answer check_cluster
@@ -391,11 +500,19 @@ def check_run_dir(out: storage.Location, resume: bool, overwrite: bool, keep=())
 
 
 def absolute_paths(cfg: C.Config) -> C.Config:
-    """Spec files and data paths made absolute: Ray workers run in other folders."""
-    changes = {}
-    for key, value in (("model__name", cfg.model.name), ("data__source", cfg.data.source)):
-        if Path(value).exists():
-            changes[key] = str(Path(value).resolve())
+    """Spec files and data paths made absolute, and a spec file's layers read into
+    `model.spec`: workers build the model from the config they are sent, on any node,
+    whether that node has the file or not (a config whose file is gone still has them)."""
+    from cifar_ray.models import get_spec, list_models
+
+    changes: dict = {}
+    if Path(cfg.model.name).is_file():
+        changes["model__name"] = str(Path(cfg.model.name).resolve())
+        changes["model__spec"] = get_spec(cfg.model.name, **cfg.model.args)
+    elif cfg.model.name in list_models() and cfg.model.spec:
+        changes["model__spec"] = []  # a name replaced the file: its layers are not this model's
+    if Path(cfg.data.source).exists():
+        changes["data__source"] = str(Path(cfg.data.source).resolve())
     return C.replace(cfg, **changes) if changes else cfg
 
 
@@ -432,11 +549,12 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
     cfg = absolute_paths(cfg)
     # Bad input fails before the data is prepared, Ray starts or DIR is written: the model
     # (again below with the data's classes), DIR, the batch size against the data, the cluster.
-    model_info(cfg.model.name, **cfg.model.args)
+    model = cfg.model.spec or cfg.model.name
+    model_info(model, **cfg.model.args)
     with storage.claimed(loc):  # one writer per folder, from here to the end
         check_run_dir(loc, resume, overwrite, keep=(cfg.data.source,))
         arrays = load_split(cfg)
-        info = model_info(cfg.model.name, num_classes=len(arrays["classes"]), **cfg.model.args)
+        info = model_info(model, num_classes=len(arrays["classes"]), **cfg.model.args)
         check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
         with storage.Stage(loc) as stage:
             newest = resume_from(stage, cfg, echo) if resume else None
@@ -514,11 +632,13 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
     the checkpoint a resumed run continues from."""
     import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     out = stage.local  # the run directory, or its local stage when it is a URI
     started_ray = not ray.is_initialized()
     init_ray(verbose=verbose)
     res = plan_resources(cfg.scale, check_resources)
+    check_shared(stage.loc, echo)
     if res.gpu:  # each GPU worker's torch, CUDA and driver, before anything is written
         from cifar_ray.preflight import check_gpus
 
@@ -534,7 +654,9 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
         resume_ref = ray.put(newest)
         del newest
     console = _Console(cfg.train.epochs)
-    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    # On the driver's node: the workers' node may be lost, and the queue with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = make_trainer(cfg, ray.put(arrays), res, stage.loc, RUN_NAME, queue=queue,
                            resume=resume_ref)
     arrays.clear()  # the object store holds the one copy now (the caller's dict is this one)
@@ -550,12 +672,15 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
     thread = threading.Thread(target=_fit, daemon=True)
     thread.start()
     error = None
+    workers: dict[int, dict] = {}  # rank -> where it runs (after a restart: where it went)
     try:
         for item in _followed(queue, thread.is_alive):
             if item[0] == "progress":
                 console.progress(*item[1:])
             elif item[0] == "error":
                 error = item[1]
+            elif item[0] == "worker":
+                workers[item[1]["rank"]] = item[1]
             else:
                 history[item[1]["epoch"]] = item[1]
                 rows = [history[k] for k in sorted(history)]
@@ -591,7 +716,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
                 storage.remove(stage.loc)  # nothing trained: leave no run folder behind
             raise UserError(f"a training worker refused the run: {bad_input}") from None
         raise RuntimeError(f"training failed: {outcome['error']}") from outcome["error"]
-    summary = finish_run(stage, cfg, info, wall)
+    summary = finish_run(stage, cfg, info, wall, [workers[r] for r in sorted(workers)])
     if started_ray and ray.is_initialized():
         ray.shutdown()
     if error:
@@ -609,9 +734,11 @@ def worker_user_error(error: BaseException) -> UserError | None:
     return None
 
 
-def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: float) -> dict:
+def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: float,
+               workers: list[dict]) -> dict:
     """Write metrics.csv, curves.png and summary.json from the newest checkpoint's history
-    (the authority: it survives driver restarts and worker failures)."""
+    (the authority: it survives driver restarts and worker failures); `workers`: where
+    each rank ran last."""
     from cifar_ray.report import plot_curves
 
     stage.pull()  # the checkpoints as Ray left them
@@ -637,6 +764,7 @@ def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: fl
         "best_epoch": best_ep, "last_epoch": max(ckpts),
         "best_checkpoint": str(ckpts[best_ep].relative_to(out) / rundir.STATE_FILE),
         "last_checkpoint": str(ckpts[max(ckpts)].relative_to(out) / rundir.STATE_FILE),
+        "workers": workers,
     }
     if "test_acc" in last:
         summary["test_acc"] = last["test_acc"]

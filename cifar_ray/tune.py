@@ -72,6 +72,7 @@ class Shared:
     space: S.Space
     settings: S.Settings
     sweep: storage.Location
+    specs: dict  # spec file -> its layers, read by the driver (a trial's node may lack it)
 
 
 # ---------------------------------------------------------------- inside a trial
@@ -81,6 +82,7 @@ class _EpochReporter:
 
     def __init__(self, lr: float):
         self.lr = lr  # names the trial at the test fault point
+        self.node_id = ray.get_runtime_context().get_node_id()  # trials.csv shows it
 
     def progress(self, epoch, step, steps):
         pass
@@ -91,7 +93,8 @@ class _EpochReporter:
         with tempfile.TemporaryDirectory() as tmp:
             save_state(state(), Path(tmp) / rundir.STATE_FILE)
             atomic_write(Path(tmp) / D.EPOCH_FILE, json.dumps({"epoch": metrics["epoch"]}))
-            tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report({**metrics, "node_id": self.node_id},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
         faults.point("trial-epoch", lr=self.lr, epoch=metrics["epoch"])
 
 
@@ -108,6 +111,8 @@ class _ToTune(TuneReportCallback):
 def run_trial(config: dict, shared: Shared) -> None:
     """The Tune function of one trial (see the module docstring)."""
     cfg = S.trial_config(shared.space, shared.settings, config["trial"])
+    if cfg.model.name in shared.specs:
+        cfg = C.replace(cfg, model__spec=shared.specs[cfg.model.name])
     if shared.settings.workers_per_trial > 1:
         _run_trainer(cfg, shared)
     else:
@@ -404,8 +409,11 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     space = replace(space, base=C.to_dict(base))
     trials = S.check(space, settings)  # every trial's config and model, before anything runs
     split = T.load_split(base)
+    specs = {}
     for params in trials:  # every trial's batch against the data, before Ray starts
         cfg = S.trial_config(space, settings, params)
+        if Path(cfg.model.name).is_file() and cfg.model.name not in specs:
+            specs[cfg.model.name] = T.absolute_paths(cfg).model.spec
         T.check_batch(cfg, len(split["train_y"]), settings.workers_per_trial,
                       f"{space.source}: {S.describe(params)}: train.batch_size")
     arrays = _shared_arrays(split)
@@ -421,13 +429,14 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
         p = plan(settings, check_resources)
         if settings.workers_per_trial > 1 and check_resources:
             check_state_api()
+        T.check_shared(loc, echo)
         if not resume:
             storage.make_new(loc)
             storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
         echo(f"sweep {space.name}: {len(trials)} trials, up to {base.train.epochs} epochs each "
              f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
              f"{'resuming' if resume else 'writing'} {loc.text}")
-        shared = Shared(ray.put(arrays), space, settings, loc)
+        shared = Shared(ray.put(arrays), space, settings, loc, specs)
         del arrays  # the object store holds the one copy now
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), p.resources)
         tuner = _tuner(trainable, trials, settings, base, loc, p, experiment)

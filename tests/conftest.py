@@ -19,8 +19,10 @@ def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
     os.environ.pop("RAY_ADDRESS", None)
     # The dashboard serves the State API, which multi-worker sweeps need (tune.check_state_api).
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
-             object_store_memory=300 * 1024**2, logging_level="WARNING",
-             _node_ip_address="127.0.0.1", _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    from cifar_ray.train import init_local  # on 127.0.0.1, as every Ray cifar-ray starts
+
+    init_local(num_cpus=4, include_dashboard=True, log_to_driver=False,
+               object_store_memory=300 * 1024**2, logging_level="WARNING",
+               _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()

@@ -15,7 +15,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-VM_CONFIGS = sorted(CLUSTER.glob("*.yaml"))
+# local.yaml (the fake_multinode rehearsal) is run for real by tests/test_multinode.py
+VM_CONFIGS = sorted(p for p in CLUSTER.glob("*.yaml") if p.name != "local.yaml")
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 RAY_PORTS = {"dashboard": 8265, "client": 10001, "gcs": 6379}

@@ -115,8 +115,15 @@ class Resolved:
     source: str  # prefix for messages: "model cnn" or the file path
 
 
-def resolve(name_or_path: str | Path, **overrides) -> Resolved:
-    """A registered name (with overrides) or a spec file (an existing file wins) -> its spec."""
+def resolve(name_or_path: str | Path | list, **overrides) -> Resolved:
+    """A registered name (with overrides), a spec file (an existing file wins) or a spec's
+    layers themselves (a list, as a run's config carries them: `model.spec`) -> its spec."""
+    if isinstance(name_or_path, list):
+        if overrides:
+            raise UserError(f"model.spec: a layer spec takes no parameters (got "
+                            f"{', '.join(overrides)}); edit the layers instead")
+        return Resolved("layer spec", "layer spec", normalize(name_or_path, "model.spec"),
+                        "model.spec")
     text = str(name_or_path)
     if Path(text).is_file():
         if overrides:
@@ -144,18 +151,18 @@ def default_recipe(name_or_path: str | Path, **overrides) -> dict:
     return {} if has_batchnorm(resolve(name_or_path, **overrides).spec) else dict(NO_NORM_RECIPE)
 
 
-def get_spec(name_or_path: str | Path, **overrides) -> list[dict]:
+def get_spec(name_or_path: str | Path | list, **overrides) -> list[dict]:
     """The canonical layer spec of a model or spec file (e.g. to save and edit)."""
     return resolve(name_or_path, **overrides).spec
 
 
-def create_model(name_or_path: str | Path, num_classes: int = 10, **overrides) -> nn.Module:
+def create_model(name_or_path: str | Path | list, num_classes: int = 10, **overrides) -> nn.Module:
     """Build a model (a registered name or a spec-file path); its output is logits."""
     r = resolve(name_or_path, **overrides)
     return build_model(r.spec, num_classes, source=r.source)
 
 
-def model_info(name_or_path: str | Path, num_classes: int = 10, **overrides) -> dict:
+def model_info(name_or_path: str | Path | list, num_classes: int = 10, **overrides) -> dict:
     """{name, description, params, macs, layers}: per-layer output shape, params and MACs
     per image (see `spec.summarize`), computed without allocating weights."""
     r = resolve(name_or_path, **overrides)
