@@ -16,6 +16,9 @@ from PIL import Image
 from cifar_ray.data import sources
 
 # A small net that learns the synthetic data within a few epochs on CPU.
+# Metrics that are bit-identical between equal runs (the timings are not).
+DETERMINISTIC = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
 TINY_SPEC = """\
 - {conv: 16, kernel: 3, padding: same, batchnorm: true}
 - {maxpool: 2}

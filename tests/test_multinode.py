@@ -19,7 +19,7 @@ import pytest
 
 from cifar_ray import rundir
 from cifar_ray.train import loopback
-from test_train import DETERMINISTIC, TINY_SPEC
+from helpers import DETERMINISTIC, TINY_SPEC
 
 LOOPBACK = "127.0.0.1"
 RUN = ["--data", "synthetic:400", "--batch-size", 64, "--lr", 0.05, "--epochs", 2,

@@ -10,11 +10,10 @@ from PIL import Image
 
 from cifar_ray import rundir
 from cifar_ray.cli import main
-from helpers import tiny_spec
+from helpers import DETERMINISTIC, tiny_spec
 
 pytestmark = pytest.mark.ray
 
-DETERMINISTIC = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
 @pytest.fixture(scope="module")
