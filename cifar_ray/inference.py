@@ -9,7 +9,7 @@ import torch
 
 from cifar_ray import config as C
 from cifar_ray import engine, rundir
-from cifar_ray.errors import UserError, quote
+from cifar_ray.errors import UserError
 from cifar_ray.fsutil import refuse_special
 
 
