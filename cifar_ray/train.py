@@ -550,7 +550,8 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
     # Bad input fails before the data is prepared, Ray starts or DIR is written: the model
     # (again below with the data's classes), DIR, the batch size against the data, the cluster.
     model = cfg.model.spec or cfg.model.name
-    model_info(model, **cfg.model.args)
+    # A spec file on the driver is checked as the file, so that its errors name it.
+    model_info(cfg.model.name if Path(cfg.model.name).is_file() else model, **cfg.model.args)
     with storage.claimed(loc):  # one writer per folder, from here to the end
         check_run_dir(loc, resume, overwrite, keep=(cfg.data.source,))
         arrays = load_split(cfg)
