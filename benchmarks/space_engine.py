@@ -14,6 +14,7 @@ accuracy and its epoch, final train accuracy, training seconds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -37,11 +38,11 @@ def main() -> None:
     a = ap.parse_args()
 
     space = S.load_space(a.space)
-    space = S.Space(**{**space.__dict__, "base": S.apply(space.base, {
-        "data.source": a.data, "data.limit": a.limit, "train.precision": "auto"})})
+    space = dataclasses.replace(space, base=S.apply(space.base, {
+        "data.source": a.data, "data.limit": a.limit, "train.precision": "auto"}))
     settings = S.resolve_settings(space, {"max_epochs": a.max_epochs or None, "samples": 1})
     base = S.base_config(space, settings, space.source)
-    space = S.Space(**{**space.__dict__, "base": S.C.to_dict(base)})  # as `tune` runs it
+    space = dataclasses.replace(space, base=S.C.to_dict(base))  # as `tune` runs it
     only = set(filter(None, a.only.split(",")))
     points = [p for p in S.points(space, settings) if not only or p.get("variant") in only]
     device = torch.device("cuda" if a.gpu else "cpu")
@@ -55,7 +56,7 @@ def main() -> None:
         t0 = time.perf_counter()
         hist = engine.fit(cfg, data, device=device)
         best = max(hist, key=lambda h: h["val_acc"])
-        row = {"configuration": S.describe(params) or "base",
+        row = {"configuration": S.describe(params),
                "changes": S.changes(base, cfg), "reference": refs.get(params.get("variant")),
                "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
                "final_train_acc": hist[-1]["train_acc"], "epochs": len(hist),

@@ -446,8 +446,10 @@ def with_model_recipe(data: dict) -> dict:
     from cifar_ray.models import default_recipe
 
     model = data.get("model") or {}
+    # A run's config carries a spec file's layers (model.spec): judge those, file or no file.
+    what = model.get("spec") or model.get("name", ModelConfig.name)
     try:
-        recipe = default_recipe(model.get("name", ModelConfig.name), **(model.get("args") or {}))
+        recipe = default_recipe(what, **(model.get("args") or {}))
     except UserError:
         return data
     under: dict = {}

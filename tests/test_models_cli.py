@@ -70,6 +70,10 @@ def test_a_net_without_batchnorm_carries_a_recipe_it_learns_with():
     cfg = C.load_config(None, ["model.name=seed-vgg-dropout", "optim.name=sgd"])
     assert (cfg.optim.name, cfg.optim.lr) == ("sgd", 0.001)  # key by key, like every layer
     assert C.load_config(None, ["model.name=seed-vgg-bn"]).optim == C.OptimConfig()
+    # A run's config judged by the layers it carries, when the file is gone (another node).
+    layers = [{"type": "conv", "filters": 4}, "gap"]
+    cfg = C.load_config(None, ["model.name=gone.yaml", f"model.spec={layers}"])
+    assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.001)
 
 
 def test_show_spec_file_and_yaml_export(tmp_path):
