@@ -53,7 +53,7 @@ def main() -> None:
         t0 = time.perf_counter()
         hist = engine.fit(cfg, data, device=device)
         best = max(hist, key=lambda h: h["val_acc"])
-        row = {"configuration": S.describe(params),
+        row = {"configuration": S.label(params),
                "changes": S.changes(base, cfg), "reference": refs.get(params.get("variant")),
                "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
                "final_train_acc": hist[-1]["train_acc"], "epochs": len(hist),

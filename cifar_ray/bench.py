@@ -125,13 +125,14 @@ def loader_vs_torchvision(images, labels, mean, std, device: torch.device, *,
 # ---------------------------------------------------------------- 2. Ray Train vs the engine
 
 def ray_vs_engine(cfg: C.Config, data, threads: int | None = None, settle_s: float = 10.0,
-                  measure_s: float = 20.0) -> dict:
+                  measure_s: float = 20.0, max_epochs: int = 1000) -> dict:
     """Steady-state training images/s of the engine alone and of Ray Train (1 worker) on the
     same config and data; plus the loader+augmentation share of a training epoch.
 
     Steady state: the epochs that start `settle_s` seconds or more into training (Ray's own
     actors are still starting during the first seconds); the run has as many epochs as
-    make about `settle_s + measure_s` seconds (`cfg.train.epochs` is replaced)."""
+    make about `settle_s + measure_s` seconds, at most `max_epochs` (`cfg.train.epochs` is
+    replaced)."""
     from cifar_ray import engine, rundir
     from cifar_ray.train import run
 
@@ -147,7 +148,7 @@ def ray_vs_engine(cfg: C.Config, data, threads: int | None = None, settle_s: flo
     loader_s = time.perf_counter() - t0
 
     probe = engine.fit(C.replace(cfg, train__epochs=1), data, device=torch.device("cpu"))
-    epochs = max(2, min(1000, math.ceil((settle_s + measure_s) / probe[0]["seconds"])))
+    epochs = max(2, min(max_epochs, math.ceil((settle_s + measure_s) / probe[0]["seconds"])))
     cfg = C.replace(cfg, train__epochs=epochs)
 
     def steady(hist):
@@ -266,7 +267,7 @@ def run_bench(data_source: str | None, *, quick: bool = False, device: str | Non
             sets = [f"data.source={source}", "model.name=seed-small", "train.batch_size=256"]
             cfg = C.load_config(None, sets)
             r = ray_vs_engine(cfg, load_split(cfg),  # the split Ray's run loads
-                              **({"settle_s": 0.5, "measure_s": 1.0} if quick else {}))
+                              **({"settle_s": 0.5, "measure_s": 1.0, "max_epochs": 3} if quick else {}))
             result["ray"] = r
             echo(f"train       Ray Train (1 worker) {r['ray_train_images_per_s']:,.0f} img/s  vs  "
                  f"engine alone {r['engine_images_per_s']:,.0f} img/s  ratio {r['ratio']:.3f}x  "

@@ -137,9 +137,9 @@ def noise(sw) -> Noise:
         key = json.dumps(params, sort_keys=True, default=str)
         g = groups.get(key)
         if g is None:
-            from cifar_ray.space import describe
+            from cifar_ray.space import label
 
-            g = groups[key] = Group(describe(params), params, [],
+            g = groups[key] = Group(label(params), params, [],
                                     reference=refs.get(params.get("variant")),
                                     changes=dict(t.changes))
         g.trials.append(t)
@@ -165,11 +165,10 @@ def describe_changes(changes: dict) -> str:
 
 
 def trial_label(t) -> str:
-    params = t.params
-    seed = f" s{t.seed}" if "train.seed" in params else ""
-    from cifar_ray.space import describe
+    """The trial's params in words, with its seed when the sweep varies seeds."""
+    from cifar_ray.space import label
 
-    return describe(params) + seed
+    return label(t.params)
 
 
 def _epoch_ticks(ax, epochs: list[int]) -> None:

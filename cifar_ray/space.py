@@ -382,11 +382,13 @@ def _draw(rng, kind: str, spec: list):
     return float(rng.uniform(low, high))
 
 
-def describe(params: dict) -> str:
-    """`variant wide, model.args.depth=4` (the seed left out); `base` when nothing changes."""
-    return ", ".join([f"variant {v}" for k, v in params.items() if k == "variant"]
-                     + [f"{k}={v}" for k, v in params.items()
-                        if k not in ("variant", "train.seed")]) or "base"
+def label(params: dict, seed: bool = True) -> str:
+    """A trial's params in words: `variant wide, model.args.depth=4, seed 1` (`seed`: with its
+    train.seed, when the sweep sets one); `base` when nothing changes."""
+    words = [f"variant {v}" for k, v in params.items() if k == "variant"]
+    words += [f"{k}={v}" for k, v in params.items() if k not in ("variant", "train.seed")]
+    text = ", ".join(words) or "base"
+    return text + (f", seed {params['train.seed']}" if seed and "train.seed" in params else "")
 
 
 def trial_count(space: Space, settings: Settings) -> int:
@@ -441,7 +443,7 @@ def plan(space: Space, settings: Settings, overrides: dict | None = None,
     checked: set[str] = set()
     trials = []
     for params in points(space, settings):
-        where = f"{space.source}: {describe(params)}"
+        where = f"{space.source}: {label(params)}"
         cfg = trial_config(space, settings, params, where)
         key = repr((cfg.model.name, sorted(cfg.model.args.items())))
         if key not in checked:

@@ -200,9 +200,7 @@ class _Progress(tune.Callback):
         print(line, flush=True)
 
     def _label(self, trial) -> str:
-        params = trial.config.get("trial", {})
-        seed = f", seed {params['train.seed']}" if "train.seed" in params else ""
-        return S.describe(params) + seed
+        return S.label(trial.config.get("trial", {}))
 
     def _end(self, trial, state: str, reason: str = "") -> None:
         self.status[trial.trial_id] = {"status": state, **({"reason": reason} if reason else {})}
@@ -379,7 +377,7 @@ def _run(plan: S.Plan, stage: storage.Stage, experiment: storage.Location | None
     split = load_split(base, nchw=True)  # a CPU trial reads the device loader's layout in place
     for params, cfg in plan.trials:  # every trial's batch against the data, before Ray starts
         check_batch(cfg, split.n_train, settings.workers_per_trial,
-                    f"{plan.space.source}: {S.describe(params)}: train.batch_size")
+                    f"{plan.space.source}: {S.label(params)}: train.batch_size")
     started_ray = not ray.is_initialized()
     _quiet(verbose)
     # A multi-worker trial's TorchTrainer reserves its workers' CPUs in a placement group that

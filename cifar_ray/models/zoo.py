@@ -152,7 +152,7 @@ def cnn(depth: int = 3, width: float = 1.0, filters: int = 32, growth: float = 2
     depth: conv blocks, each `convs` convs then a 2x2 `pool` (max | avg) and, when dropout
     is not 0, a dropout; block i has round(filters * width * growth**i) filters and a
     kernel of `kernel` (kernels: fixed) or kernel + 2i (kernels: growing, 3 -> 5 -> 7, the
-    seed's step 15). Then `head` (gap | flatten) and `dense_layers` dense layers of
+    seed-journey space's step s15-growing-kernels). Then `head` (gap | flatten) and `dense_layers` dense layers of
     round(units * width) units, each followed by the dropout.
     """
     _need(depth >= 0 and convs >= 1 and dense_layers >= 0,
