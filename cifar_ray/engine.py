@@ -28,6 +28,7 @@ from cifar_ray import config as C
 from cifar_ray.data.augment import normalize
 from cifar_ray.data.loader import DeviceLoader, derive_seed
 from cifar_ray.models import create_model
+from cifar_ray.values import is_finite, is_int
 
 STATE_FORMAT = 1  # bump when the checkpoint layout changes
 INIT_SAMPLE = 5000  # training images shown to data-dependent init (e.g. patch whitening)
@@ -439,15 +440,14 @@ def load_state(path) -> dict:
 def _state_problem(state: dict) -> str | None:
     """What is wrong with the parts of a checkpoint that evaluate, predict and resume read."""
     def numbers(v, n):
-        return (isinstance(v, (list, tuple)) and len(v) == n and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+        return isinstance(v, (list, tuple)) and len(v) == n and all(map(is_finite, v))
 
     def weights(v):
         return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
                                            for k, t in v.items())
 
     checks = [
-        ("epoch", lambda v: isinstance(v, int) and v >= 0, "an epoch number"),
+        ("epoch", lambda v: is_int(v) and v >= 0, "an epoch number"),
         ("config", lambda v: isinstance(v, dict), "a config mapping"),
         ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
          "a list of class names"),

@@ -601,7 +601,7 @@ CASES = [
     case("show-param-unknown", lambda fx: ["models", "show", "cnn", "--set", "dept=2"],
          "model cnn: unknown parameter 'dept'", "valid parameters: depth=3"),
     case("show-param-wrong-type", lambda fx: ["models", "show", "cnn", "--set", "depth=abc"],
-         "model cnn: parameter depth must be of type int", "got 'abc'"),
+         "model cnn: parameter depth must be an integer", "got 'abc'"),
     case("show-param-width-10**9", lambda fx: ["models", "show", "cnn", "--set", f"width={10**9}"],
          "model cnn: layer 0 (conv", "parameters, more than"),
     case("show-param-depth-10**8", lambda fx: ["models", "show", "cnn", "--set", f"depth={10**8}"],

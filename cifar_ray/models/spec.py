@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from cifar_ray.errors import UserError, finite_number, shown
+from cifar_ray.errors import UserError, shown
+from cifar_ray.values import finite_number, is_int
 
 IN_SHAPE = (3, 32, 32)  # CIFAR images: channels, height, width
 
@@ -130,9 +131,8 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
     def bad(what: str) -> UserError:
         return UserError(f"{where} must be {what}, got {shown(value)}")
 
-    is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind == "count" or (kind == "count_or_null" and value is not None):
-        if not is_int or value < 1:
+        if not is_int(value) or value < 1:
             raise bad("a positive integer")
     elif kind == "bool":
         if not isinstance(value, bool):
@@ -144,9 +144,9 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
         if _parse_activation(value) is None:
             raise bad(f"one of {ACTIVATION_HELP}")
     elif kind == "rate":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        value = finite_number(value, lambda _: bad("a number in [0, 1)"))
+        if not 0 <= value < 1:
             raise bad("a number in [0, 1)")
-        value = float(value)
     elif kind in ("fraction", "positive", "number"):
         value = finite_number(value, bad)
         if kind == "fraction" and not 0 < value <= 1:
@@ -529,7 +529,7 @@ def build(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
 
     Every row: {index, type, args, out_shape, params, macs}; a residual row adds `body`
     (rows of its layers) and `shortcut` (a row, or None for the identity)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     layers = normalize(spec, source)
     body, shape, rows = _build_list(layers, tuple(in_shape), _prefix(source))
