@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifar_ray.data.sources import Decoded, Source, resolve
+from cifar_ray.data.sources import Decoded, Source, cache_home, resolve
 from cifar_ray.errors import UserError, shown
 from cifar_ray.fsutil import atomic_dir, check_writable_dir
 from cifar_ray.values import is_number
@@ -33,11 +33,6 @@ FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test")
 IMAGE_BYTES = 32 * 32 * 3
 SCHEMA = pa.schema([("image", pa.binary(IMAGE_BYTES)), ("label", pa.int16())])
-
-
-def cache_home() -> Path:
-    """$CIFAR_RAY_HOME, or ~/.cache/cifar-ray."""
-    return Path(os.environ.get("CIFAR_RAY_HOME") or "~/.cache/cifar-ray").expanduser()
 
 
 @dataclass
