@@ -2,8 +2,10 @@
 
 One frozen dataclass tree. Every field has a default and a comment with its unit. A config
 is built from defaults, then a YAML file (`--config`), then dotted overrides (`--set
-key.sub=value`), and every step is checked against the defaults' types: an unknown key or a
-wrong type is refused with the valid keys listed. `dump_yaml` and `load_config` round-trip.
+key.sub=value`), and every step is checked against each field's declaration (its type, a
+Literal's choices, a `ranged` field's range; values.py's rules for numbers): an unknown key,
+a wrong type or a value out of range is refused, naming the key. `dump_yaml` and
+`load_config` round-trip.
 """
 
 from __future__ import annotations
