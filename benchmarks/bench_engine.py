@@ -18,7 +18,7 @@ import torch
 
 from cifar_ray import config as C
 from cifar_ray import engine
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
     device = torch.device(args.device)
     t0 = time.perf_counter()
     base = C.load_config(None, [f"data.source={args.data}"])
-    data = to_split(load_split(base))
+    data = load_split(base)
     load_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     for model in args.models.split(","):

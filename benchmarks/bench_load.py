@@ -77,19 +77,18 @@ def sweep(images: int, trials: int, epochs: int, copied: bool = False) -> dict:
                                         "eval_batch_size": 100}},
                      "grid": {"optim.lr": lrs}}, "bench-load")
     settings = S.resolve_settings(space, {"grace": epochs, "cpus_per_trial": 1})
-    from cifar_ray.train import load_split
+    from cifar_ray.data.split import load_split
     from cifar_ray import config as C
 
-    arrays = load_split(C.from_dict(space.base))  # prepares the cache before the clock
-    dataset = sum(v.nbytes for v in arrays.values() if hasattr(v, "nbytes"))
-    shared = TU._shared_arrays
+    dataset = load_split(C.from_dict(space.base)).nbytes  # prepares the cache before the clock
+    shared = TU.load_split
     if copied:  # the contrast: NHWC in the store, so each trial makes its own NCHW copy
-        TU._shared_arrays = dict
+        TU.load_split = lambda cfg, **_: shared(cfg, nchw=False)
     with tempfile.TemporaryDirectory() as tmp, Sampler() as s:
         t0 = time.perf_counter()
-        sw = TU.run(space, settings, Path(tmp) / "sweep", echo=lambda *a: None)
+        sw = TU.run(S.plan(space, settings), Path(tmp) / "sweep", echo=lambda *a: None)
         wall = time.perf_counter() - t0
-    TU._shared_arrays = shared
+    TU.load_split = shared
     done = sum(t.status == "done" for t in sw.trials)
     mb = lambda b: round(b / 2**20)  # noqa: E731
     return {"images": images, "layout": "nhwc_copied" if copied else "nchw_shared",

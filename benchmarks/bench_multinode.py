@@ -18,7 +18,8 @@ import tempfile
 import time
 
 from cifar_ray import config as C
-from cifar_ray.train import load_split, loopback
+from cifar_ray.data.split import load_split
+from cifar_ray.train import loopback
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as OnNode
 
     arrays = load_split(C.from_dict({"data": {"source": args.data}}))
-    mb = sum(v.nbytes for v in arrays.values() if hasattr(v, "nbytes")) / 2**20
+    mb = arrays.nbytes / 2**20
     tmp = tempfile.mkdtemp(prefix="crb-")
     os.environ["RAY_TMPDIR"] = tmp
     os.makedirs(f"{tmp}/ray")

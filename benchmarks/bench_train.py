@@ -21,7 +21,7 @@ import torch
 
 from cifar_ray import config as C
 from cifar_ray.bench import ray_vs_engine
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
@@ -37,7 +37,7 @@ def main():
     args = ap.parse_args()
     cfg = C.load_config(None, [f"model.name={args.model}", f"data.source={args.data}",
                                f"data.limit={args.limit}", f"train.batch_size={args.batch_size}"])
-    result = ray_vs_engine(cfg, to_split(load_split(cfg)), threads=os.cpu_count(),
+    result = ray_vs_engine(cfg, load_split(cfg), threads=os.cpu_count(),
                            settle_s=args.settle, measure_s=args.measure)
     print(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",

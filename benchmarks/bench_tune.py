@@ -47,7 +47,7 @@ def sweep(space: S.Space, **flags) -> float:
     settings = S.resolve_settings(space, {"grace": space.base["train"]["epochs"], **flags})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        TU.run(space, settings, Path(tmp) / "sweep", echo=lambda *a: None)
+        TU.run(S.plan(space, settings), Path(tmp) / "sweep", echo=lambda *a: None)
         return time.perf_counter() - t0
 
 
@@ -56,7 +56,7 @@ def overhead(args) -> dict:
     import torch
 
     from cifar_ray import engine
-    from cifar_ray.train import load_split, to_split
+    from cifar_ray.data.split import load_split
 
     lrs = [round(0.02 + 0.01 * i, 3) for i in range(args.trials)]
     space = space_of(args, lrs, args.epochs, 256)
@@ -64,7 +64,7 @@ def overhead(args) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(cpus)
     base = C.from_dict(space.base)
-    split = to_split(load_split(base))
+    split = load_split(base)
     for lr in lrs:
         engine.fit(C.replace(base, optim__lr=lr), split, device=torch.device("cpu"))
     alone = time.perf_counter() - t0
@@ -144,19 +144,18 @@ def memory(args) -> dict:
     with PeakMemory() as idle:
         time.sleep(2)
     out["ray_idle_mb"] = round(idle.peak / 2**20)
-    nchw = TU._shared_arrays
-    for layout, share in (("nchw_shared", nchw), ("nhwc_copied", dict)):
-        TU._shared_arrays = share  # the driver's choice of layout for the object store
+    shared = TU.load_split
+    for layout, nchw in (("nchw_shared", True), ("nhwc_copied", False)):
+        # the driver's choice of layout for the object store
+        TU.load_split = lambda cfg, nchw=nchw, **_: shared(cfg, nchw=nchw)
         for n in (1, args.trials):  # one trial, then n at once
             with PeakMemory() as m:
                 seconds = sweep(space_of(args, lrs[:n], 1, args.batch_size), cpus_per_trial=1)
             out[f"{layout}_{n}_at_once_peak_mb"] = round(m.peak / 2**20)
             out[f"{layout}_{n}_at_once_s"] = round(seconds, 1)
-    TU._shared_arrays = nchw
-    from cifar_ray.train import load_split
-
-    arrays = load_split(C.from_dict(space_of(args, lrs, 1, args.batch_size).base))
-    out["dataset_mb"] = round(sum(v.nbytes for v in arrays.values() if hasattr(v, "nbytes")) / 2**20)
+    TU.load_split = shared
+    split = shared(C.from_dict(space_of(args, lrs, 1, args.batch_size).base))
+    out["dataset_mb"] = round(split.nbytes / 2**20)
     n = args.trials
     for layout in ("nchw_shared", "nhwc_copied"):
         extra = out[f"{layout}_{n}_at_once_peak_mb"] - out[f"{layout}_1_at_once_peak_mb"]

@@ -14,7 +14,6 @@ accuracy and its epoch, final train accuracy, training seconds).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from cifar_ray import engine, rundir
 from cifar_ray import space as S
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 
 
 def main() -> None:
@@ -38,21 +37,19 @@ def main() -> None:
     a = ap.parse_args()
 
     space = S.load_space(a.space)
-    space = dataclasses.replace(space, base=S.apply(space.base, {
-        "data.source": a.data, "data.limit": a.limit, "train.precision": "auto"}))
     settings = S.resolve_settings(space, {"max_epochs": a.max_epochs or None, "samples": 1})
-    base = S.base_config(space, settings, space.source)
-    space = dataclasses.replace(space, base=S.C.to_dict(base))  # as `tune` runs it
+    plan = S.plan(space, settings, {"data.source": a.data, "data.limit": a.limit,
+                                    "train.precision": "auto"})  # as `tune` runs it
+    space, settings, base = plan.space, plan.settings, plan.base
     only = set(filter(None, a.only.split(",")))
-    points = [p for p in S.points(space, settings) if not only or p.get("variant") in only]
+    trials = [(p, cfg) for p, cfg in plan.trials if not only or p.get("variant") in only]
     device = torch.device("cuda" if a.gpu else "cpu")
-    data = to_split(load_split(base))
+    data = load_split(base)
     refs = {v.name: v.reference for v in space.variants}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for params in points:
-        cfg = S.trial_config(space, settings, params)
+    for params, cfg in trials:
         t0 = time.perf_counter()
         hist = engine.fit(cfg, data, device=device)
         best = max(hist, key=lambda h: h["val_acc"])

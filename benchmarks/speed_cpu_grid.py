@@ -20,7 +20,7 @@ import torch
 from cifar_ray import config as C
 from cifar_ray import engine
 from cifar_ray.models import model_info
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 
 # (block1, block2, block3, epochs, batch size, extra overrides)
 GRID = [
@@ -52,7 +52,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     base = C.load_config("speed-cpu", [f"data.source={args.data}", *args.sets])
-    data = to_split(load_split(base))
+    data = load_split(base)
     t00 = time.perf_counter()
     for b1, b2, b3, epochs, batch, extra in GRID[:args.limit_rows]:
         sets = [f"model.args.block1={b1}", f"model.args.block2={b2}", f"model.args.block3={b3}",

@@ -27,7 +27,7 @@ import torch
 
 from cifar_ray import config as C
 from cifar_ray import engine
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 
 T0 = time.perf_counter()
 
@@ -117,7 +117,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     cfg = C.load_config("speed", [f"data.source={args.data}", *args.sets])
-    data = to_split(load_split(cfg))
+    data = load_split(cfg)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     log(out, {"run": "setup", "gpu": name, "torch": torch.__version__,
               "train_images": len(data.train[1]), "val_images": len(data.val[1]),

@@ -234,7 +234,7 @@ def time_to_accuracy(cfg: C.Config, data, device: torch.device, targets: dict,
 def run_bench(data_source: str | None, *, quick: bool = False, device: str | None = None,
               only: tuple[str, ...] = (), echo=print) -> dict:
     """Run the measurements and return them as a dict; `echo` prints as they come."""
-    from cifar_ray.train import load_split, to_split
+    from cifar_ray.data.split import load_split
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parts = set(only) or {"loader", "ray", "speed"}
@@ -245,7 +245,7 @@ def run_bench(data_source: str | None, *, quick: bool = False, device: str | Non
          f"{os.cpu_count()} cores, torch {torch.__version__}, {dev.type}"
          f"{' (' + result['machine']['gpu'] + ')' if dev.type == 'cuda' else ''}  data {source}")
     base = C.load_config(preset, [f"data.source={source}"])
-    data = to_split(load_split(base))
+    data = load_split(base)
 
     if "loader" in parts:
         r = loader_vs_torchvision(*data.train, data.mean, data.std, dev,
@@ -265,7 +265,7 @@ def run_bench(data_source: str | None, *, quick: bool = False, device: str | Non
         else:
             sets = [f"data.source={source}", "model.name=seed-small", "train.batch_size=256"]
             cfg = C.load_config(None, sets)
-            r = ray_vs_engine(cfg, to_split(load_split(cfg)),  # the split Ray's run loads
+            r = ray_vs_engine(cfg, load_split(cfg),  # the split Ray's run loads
                               **({"settle_s": 0.5, "measure_s": 1.0} if quick else {}))
             result["ray"] = r
             echo(f"train       Ray Train (1 worker) {r['ray_train_images_per_s']:,.0f} img/s  vs  "

@@ -208,16 +208,13 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
     of worker start/stop per trial and buy nothing); with --workers-per-trial N it builds a
     TorchTrainer with N DDP workers. All trials read one copy of the data in Ray's object
     store. Ctrl-C or a killed driver: `cifar-ray tune --resume DIR` continues."""
-    from dataclasses import replace as dc_replace
-
-    from cifar_ray import config as C
-    from cifar_ray import space as S
+    from cifar_ray import space as sweep_space
     from cifar_ray import storage
+    from cifar_ray.config import parse_override
 
     if list_spaces:
-        for name, path in S.builtin_spaces().items():
-            sp = S.load_space(str(path))
-            click.echo(f"{name:<14} {sp.description}")
+        for name, path in sweep_space.builtin_spaces().items():
+            click.echo(f"{name:<14} {sweep_space.load_space(str(path)).description}")
         return
     flags = {"samples": samples, "seeds": seeds, "max_epochs": max_epochs, "grace": grace,
              "reduction": reduction, "concurrent": concurrent,
@@ -232,32 +229,28 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
                             f"(got {', '.join(given)})")
         if out and storage.locate(out, "--out").text != storage.locate(resume, "--resume").text:
             raise UserError("give either --out or --resume, not both")
-        space, settings, out = None, None, resume
+        plan, out = None, resume
     else:
         if not space_name:
             raise UserError("--space NAME|FILE is required (see cifar-ray tune --list-spaces)")
         if not out:
             raise UserError("--out DIR is required (the sweep directory to create)")
-        space = S.load_space(space_name)
+        space = sweep_space.load_space(space_name)
         if data is None and "source" not in (space.base.get("data") or {}):
             raise UserError("--data DATA is required (or set data.source in the space's base)")
-        base = space.base
-        for item in sets:
-            key, value = C.parse_override(item)
-            base = S.apply(base, {key: value})
-        base = S.apply(base, {k: v for k, v in (("data.source", data), ("data.limit", limit))
-                              if v is not None})
-        C.from_dict(base, "--data/--limit/--set")
-        space = dc_replace(space, base=base)
-        settings = S.resolve_settings(space, flags)
-    _run_sweep(space, settings, out, bool(resume), overwrite, not no_resource_check, verbose)
+        overrides = dict(parse_override(item) for item in sets)
+        overrides.update((k, v) for k, v in (("data.source", data), ("data.limit", limit))
+                         if v is not None)
+        plan = sweep_space.plan(space, sweep_space.resolve_settings(space, flags), overrides,
+                                where="--data/--limit/--set")
+    _run_sweep(plan, out, bool(resume), overwrite, not no_resource_check, verbose)
 
 
-def _run_sweep(space, settings, out, resume, overwrite, check_resources, verbose):
-    from cifar_ray import tune as TU
+def _run_sweep(plan, out, resume, overwrite, check_resources, verbose):
+    from cifar_ray import tune
 
-    sw = TU.run(space, settings, out, resume=resume, overwrite=overwrite,
-                check_resources=check_resources, verbose=verbose, echo=click.echo)
+    sw = tune.run(plan, out, resume=resume, overwrite=overwrite,
+                  check_resources=check_resources, verbose=verbose, echo=click.echo)
     _echo_summary(sw)
     unfinished = sw.planned - sum(t.status != "incomplete" for t in sw.trials)
     if unfinished > 0:
@@ -287,22 +280,17 @@ def report(target):
     """Write report.md (ranked trials, seed noise, curves, one plot per swept key) for a
     sweep directory, or report.md with curves for a run directory. Either may be a URI
     (s3://, gs://, ...): the report is written there."""
-    from cifar_ray import rundir, storage
-    from cifar_ray import sweepdir as D
-    from cifar_ray.report import run_report, sweep_report
+    from cifar_ray import rundir, storage, sweepdir
+    from cifar_ray.report import publish, run_report
 
     loc = storage.locate(target)
-    if not any(storage.exists(loc, name) for name in (D.SPACE_FILE, "config.yaml", rundir.CHECKPOINTS)):
+    if not any(storage.exists(loc, name) for name in (sweepdir.SPACE_FILE, "config.yaml", rundir.CHECKPOINTS)):
         raise UserError(f"{target}: neither a sweep directory (space.yaml) nor a run "
                         "directory (config.yaml)")
     with storage.Stage(loc) as stage:
         stage.pull()
-        if D.is_sweep(stage.local):
-            sw = D.read_sweep(stage.local, location=loc.text)
-            D.write_tables(sw)
-            sweep_report(sw)
-            stage.push()
-            _echo_summary(sw)
+        if sweepdir.is_sweep(stage.local):
+            _echo_summary(publish(stage))
         else:
             path = run_report(stage.local)
             stage.push()

@@ -111,7 +111,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScaleConfig:
-    workers: int = ranged(1, 0)  # DDP workers (Ray Train); 0 = run the engine in-process without Ray
+    workers: int = ranged(1, 1)  # DDP workers (Ray Train)
     gpu: bool = False  # one GPU per worker
     cpus_per_worker: int = ranged(0, 0)  # CPUs reserved per worker (0 = all CPUs / workers, >= 1)
     max_failures: int = ranged(2, 0)  # restarts from the last checkpoint after a worker dies
@@ -382,9 +382,9 @@ def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str]
             loaded = {}
         from_dict(loaded, str(path))  # check the file on its own first: errors name it
         data = merge(data, loaded)
-    for item in overrides:
-        key, value = parse_override(item)
-        data = set_dotted(data, key, value)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    for item, key, value in sorted(parsed, key=lambda p: p[1] != "model.name"):  # see apply
+        data = apply(data, {key: value})
         from_dict(data, set_flag(item))
     from_dict(data)
     return from_dict(with_model_recipe(data))
@@ -416,6 +416,37 @@ def replace(cfg: Config, **dotted: Any) -> Config:
     for key, value in dotted.items():
         data = set_dotted(data, key.replace("__", "."), value)
     return from_dict(data)
+
+
+def apply(data: dict, overrides: dict) -> dict:
+    """Nested config data with dotted overrides (`--set`, flags, a sweep's keys), model.name
+    first. The one rule for a model that changes: a new model.name starts with empty
+    model.args and no model.spec (the old model's arguments and layers are not the new
+    one's); args given with it apply after."""
+    for key in sorted(overrides, key=lambda k: k != "model.name"):
+        value = overrides[key]
+        if key == "model.name" and value != (data.get("model") or {}).get("name"):
+            data = set_dotted(set_dotted(data, "model.args", {}), "model.spec", [])
+        data = set_dotted(data, key, value)
+    return data
+
+
+def portable(cfg: Config) -> Config:
+    """`cfg` runnable on any node: spec-file and data paths made absolute, and a spec file's
+    layers read into `model.spec`, so that workers build the model from the config they are
+    sent whether their node has the file or not (and a config whose file is gone still has
+    them). A registered model never keeps a spec file's layers."""
+    from cifar_ray.models import get_spec, list_models
+
+    changes: dict = {}
+    if Path(cfg.model.name).is_file():
+        changes["model__name"] = str(Path(cfg.model.name).resolve())
+        changes["model__spec"] = get_spec(cfg.model.name, **cfg.model.args)
+    elif cfg.model.name in list_models() and cfg.model.spec:
+        changes["model__spec"] = []
+    if Path(cfg.data.source).exists():
+        changes["data__source"] = str(Path(cfg.data.source).resolve())
+    return replace(cfg, **changes) if changes else cfg
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -12,25 +12,22 @@ adds DDP when there are several workers), `rank`/`world_size` for the data shard
 
 from __future__ import annotations
 
-import io
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_ray import checkpoint
 from cifar_ray import config as C
 from cifar_ray.data.augment import normalize
 from cifar_ray.data.loader import DeviceLoader, derive_seed
+from cifar_ray.data.split import Split
 from cifar_ray.models import create_model
-from cifar_ray.values import is_finite, is_int
 
-STATE_FORMAT = 1  # bump when the checkpoint layout changes
 INIT_SAMPLE = 5000  # training images shown to data-dependent init (e.g. patch whitening)
 
 
@@ -400,84 +397,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_state(state: dict, path) -> None:
-    """torch.save into memory, then an atomic write: a kill never leaves half a file."""
-    from cifar_ray.fsutil import atomic_write
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write(path, buf.getvalue())
-
-
-def load_state(path) -> dict:
-    """Load a checkpoint with `weights_only=True`: foreign objects are refused, never run."""
-    import warnings
-
-    from cifar_ray.errors import UserError, quote
-
-    try:
-        with warnings.catch_warnings():  # torch's notes on a foreign pickle: ours says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # unpickling errors, truncated zip, foreign globals
-        # torch's text for a foreign object opens with how to load it anyway (unsafely);
-        # what matters is its last part, the object it refused.
-        refused = re.search(r"WeightsUnpickler error: (.*?\.)(\s|$)", str(e))
-        reason = (f"{refused[1]} cifar-ray reads tensors and plain data only and never runs "
-                  "code from a checkpoint" if refused else quote(e))
-        raise UserError(f"{path}: not a readable cifar-ray checkpoint ({reason})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError(f"{path}: not a cifar-ray checkpoint (format {STATE_FORMAT} expected)")
-    problem = _state_problem(state)
-    if problem:
-        raise UserError(f"{path}: not a valid cifar-ray checkpoint ({problem}); it is damaged "
-                        "or was not written by cifar-ray: use another one")
-    return state
-
-
-def _state_problem(state: dict) -> str | None:
-    """What is wrong with the parts of a checkpoint that evaluate, predict and resume read."""
-    def numbers(v, n):
-        return isinstance(v, (list, tuple)) and len(v) == n and all(map(is_finite, v))
-
-    def weights(v):
-        return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                           for k, t in v.items())
-
-    checks = [
-        ("epoch", lambda v: is_int(v) and v >= 0, "an epoch number"),
-        ("config", lambda v: isinstance(v, dict), "a config mapping"),
-        ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
-         "a list of class names"),
-        ("mean", lambda v: numbers(v, 3), "3 numbers"),
-        ("std", lambda v: numbers(v, 3) and all(x > 0 for x in v), "3 positive numbers"),
-        ("model", weights, "a mapping of names to tensors"),
-        ("history", lambda v: isinstance(v, list), "a list of epochs"),
-    ]
-    for key, ok, what in checks:
-        if key not in state:
-            return f"{key} is missing"
-        if not ok(state[key]):
-            return f"{key} must be {what}"
-    if state.get("ema") is not None and not weights(state["ema"]):
-        return "ema must be a mapping of names to tensors"
-    return None
-
-
 # ---------------------------------------------------------------- the loop over epochs
-
-@dataclass
-class Split:
-    """The arrays of one run: uint8 (N,32,32,3) images and int64 labels per split."""
-    train: tuple[np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray]
-    classes: list[str]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    test: tuple[np.ndarray, np.ndarray] | None = None
-
 
 def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
         world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
@@ -553,7 +473,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
         if rank == 0:
             def state_fn(epoch=epoch, history=list(history)):
                 return {
-                    "format": STATE_FORMAT, "epoch": epoch + 1, "step": loop.step,
+                    "format": checkpoint.FORMAT, "epoch": epoch + 1, "step": loop.step,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "ema": ema.state_dict() if ema is not None else None,
@@ -572,35 +492,3 @@ def _ema_model(loop: Loop, model: nn.Module) -> nn.Module:
     shadow = copy.deepcopy(model)
     shadow.load_state_dict(loop.ema.state_dict())
     return shadow
-
-
-def model_from_state(state: dict, device: torch.device | str = "cpu", ema: bool = True,
-                     where: str = "checkpoint"):
-    """Rebuild (config, model in eval mode) from a checkpoint state (see load_state);
-    `where` names the checkpoint in messages."""
-    from cifar_ray.errors import UserError
-
-    cfg = C.from_dict(state["config"], f"{where}: config")
-    try:
-        model = build_model(cfg, len(state["classes"]), torch.device(device))
-    except UserError as e:  # e.g. the spec file it was trained from is gone or changed
-        raise UserError(f"{where}: cannot rebuild its model: {e}") from None
-    weights = state["ema"] if ema and state.get("ema") else state["model"]
-    problem = _weights_problem(model.state_dict(), weights)
-    if problem:
-        raise UserError(f"{where}: its weights do not fit model {cfg.model.name} ({problem}); "
-                        "the checkpoint is damaged or the model changed since it was trained")
-    model.load_state_dict(weights)
-    return cfg, model.eval()
-
-
-def _weights_problem(own: dict, weights: dict) -> str | None:
-    """The first difference between a model's state dict and checkpoint weights, or None."""
-    for key, tensor in own.items():
-        if key not in weights:
-            return f"{key} is missing"
-        if tuple(weights[key].shape) != tuple(tensor.shape):
-            return (f"{key} has shape {list(weights[key].shape)}, the model's "
-                    f"{list(tensor.shape)}")
-    extra = [key for key in weights if key not in own]
-    return f"{extra[0]} is not in the model" if extra else None

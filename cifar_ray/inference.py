@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cifar_ray import config as C
-from cifar_ray import engine, rundir
+from cifar_ray import checkpoint, engine, rundir
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import refuse_special
 
@@ -16,9 +16,39 @@ from cifar_ray.fsutil import refuse_special
 def load_checkpoint(target: str | Path, which: str = "best", device="cpu"):
     """(state, config, model) from a run directory, checkpoint folder or state.pt."""
     path = rundir.resolve_checkpoint(target, which)
-    state = engine.load_state(path)
-    cfg, model = engine.model_from_state(state, device, where=str(path))
+    state = checkpoint.load_state(path)
+    cfg, model = model_from_state(state, device, where=str(path))
     return path, state, cfg, model
+
+
+def model_from_state(state: dict, device: torch.device | str = "cpu", ema: bool = True,
+                     where: str = "checkpoint"):
+    """Rebuild (config, model in eval mode) from a checkpoint state (see load_state);
+    `where` names the checkpoint in messages."""
+    cfg = C.from_dict(state["config"], f"{where}: config")
+    try:
+        model = engine.build_model(cfg, len(state["classes"]), torch.device(device))
+    except UserError as e:  # e.g. the spec file it was trained from is gone or changed
+        raise UserError(f"{where}: cannot rebuild its model: {e}") from None
+    weights = state["ema"] if ema and state.get("ema") else state["model"]
+    problem = _weights_problem(model.state_dict(), weights)
+    if problem:
+        raise UserError(f"{where}: its weights do not fit model {cfg.model.name} ({problem}); "
+                        "the checkpoint is damaged or the model changed since it was trained")
+    model.load_state_dict(weights)
+    return cfg, model.eval()
+
+
+def _weights_problem(own: dict, weights: dict) -> str | None:
+    """The first difference between a model's state dict and checkpoint weights, or None."""
+    for key, tensor in own.items():
+        if key not in weights:
+            return f"{key} is missing"
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            return (f"{key} has shape {list(weights[key].shape)}, the model's "
+                    f"{list(tensor.shape)}")
+    extra = [key for key in weights if key not in own]
+    return f"{extra[0]} is not in the model" if extra else None
 
 
 def split_arrays(cfg: C.Config, data: str, split: str | None, own: bool):

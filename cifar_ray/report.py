@@ -385,6 +385,18 @@ def sweep_report(sw) -> Path:
     return path
 
 
+def publish(stage):
+    """Read the sweep in `stage` (a storage.Stage, already pulled), write its tables and
+    report and upload them; return the sweep (sweepdir.Sweep)."""
+    from cifar_ray import sweepdir
+
+    sw = sweepdir.read_sweep(stage.local, location=stage.loc.text)
+    sweepdir.write_tables(sw)
+    sweep_report(sw)
+    stage.push()
+    return sw
+
+
 def run_report(run: Path) -> Path:
     """report.md for a single run directory: the summary, the config's headline, curves."""
     from cifar_ray import config as C

@@ -29,6 +29,7 @@ RUN = Kind("run", ("config.yaml", CHECKPOINTS),
            ("config.yaml", "metrics.csv", "curves.png", "summary.json", "report.md",
             "confusion-*.png", CHECKPOINTS, ".*.tmp"))
 STATE_FILE = "state.pt"
+EPOCH_FILE = "epoch.json"  # beside state.pt: {"epoch": N}, read without torch (checkpoint.py)
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 
 SUMMARY_NUMBERS = ("params", "epochs", "epochs_planned", "best_val_acc", "final_val_acc",

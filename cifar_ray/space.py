@@ -246,17 +246,6 @@ def _variants(items: Any, source: str, folder: Path | None) -> list[Variant]:
 
 # ---------------------------------------------------------------- trials' configs
 
-def apply(data: dict, overrides: dict) -> dict:
-    """Nested config data with dotted overrides; a new model.name starts empty model.args
-    (and no model.spec: tune.py sends each spec file's layers to the trials)."""
-    for key in sorted(overrides, key=lambda k: k != "model.name"):  # the model first
-        value = overrides[key]
-        if key == "model.name" and value != (data.get("model") or {}).get("name"):
-            data = C.set_dotted(C.set_dotted(data, "model.args", {}), "model.spec", [])
-        data = C.set_dotted(data, key, value)
-    return data
-
-
 def sweep_overrides(settings: Settings, base: dict) -> dict:
     """What the sweep itself fixes in every trial's config."""
     return {"train.epochs": max_epochs(settings, base), "scale.workers": settings.workers_per_trial,
@@ -271,9 +260,9 @@ def trial_config(space: Space, settings: Settings, params: dict, where: str = "t
     """A trial's config from its Tune params: base <- variant <- swept keys <- sweep's own."""
     data = space.base
     if "variant" in params:
-        data = apply(data, next(v for v in space.variants if v.name == params["variant"]).set)
-    data = apply(data, {k: v for k, v in params.items() if k != "variant"})
-    data = apply(data, sweep_overrides(settings, space.base))
+        data = C.apply(data, next(v for v in space.variants if v.name == params["variant"]).set)
+    data = C.apply(data, {k: v for k, v in params.items() if k != "variant"})
+    data = C.apply(data, sweep_overrides(settings, space.base))
     return C.from_dict(data, where)
 
 
@@ -281,14 +270,9 @@ def base_config(space: Space, settings: Settings, where: str) -> C.Config:
     """The sweep's base: the space's base with the sweep's own keys, over its model's default
     recipe (see config.with_model_recipe). Every trial starts from it, so the trials share
     the base's recipe unless the space varies it."""
-    data = apply(space.base, sweep_overrides(settings, space.base))
+    data = C.apply(space.base, sweep_overrides(settings, space.base))
     C.from_dict(data, where)
     return C.from_dict(C.with_model_recipe(data), where)
-
-
-def seeds(space: Space, settings: Settings) -> list[int]:
-    first = C.from_dict(space.base).train.seed
-    return [first + i for i in range(settings.seeds)]
 
 
 def resolve_settings(space: Space, flags: dict) -> Settings:
@@ -359,7 +343,9 @@ def points(space: Space, settings: Settings) -> list[dict]:
     rerun draws the same samples."""
     import numpy as np
 
-    rng = np.random.default_rng(C.from_dict(space.base).train.seed)
+    first_seed = C.from_dict(space.base).train.seed
+    rng = np.random.default_rng(first_seed)
+    seeds = [first_seed + i for i in range(settings.seeds)]
     names = [{"variant": v.name} for v in space.variants] or [{}]
     grid = [dict(zip(space.grid, combo)) for combo in itertools.product(*space.grid.values())]
     out = []
@@ -367,7 +353,7 @@ def points(space: Space, settings: Settings) -> list[dict]:
         drawn = {key: _draw(rng, *space.dists[key]) for key in sorted(space.dists)}
         for n in names:
             for g in grid:
-                for seed in seeds(space, settings):
+                for seed in seeds:
                     out.append({**n, **g, **drawn,
                                 **({"train.seed": seed} if settings.seeds > 1 else {})})
     return out
@@ -391,35 +377,73 @@ def describe(params: dict) -> str:
                         if k not in ("variant", "train.seed")]) or "base"
 
 
-def check(space: Space, settings: Settings) -> list[dict]:
-    """Build and check the config and the model of every trial the sweep will run (before
-    any starts); return their params (see `points`)."""
+def trial_count(space: Space, settings: Settings) -> int:
+    """Trials the sweep runs: samples x variants x grid x seeds."""
+    count = settings.samples * max(1, len(space.variants)) * settings.seeds
+    for values in space.grid.values():
+        count *= len(values)
+    return count
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A sweep resolved once (see `plan`): what tune runs, sweepdir records and the report
+    compares against."""
+    space: Space  # with base = the full base config as run (a nested dict)
+    settings: Settings  # with max_epochs filled in
+    base: C.Config
+    trials: tuple  # (params, Config) of every trial, in run order
+    specs: dict  # spec file -> its layers, read here: a trial's node may lack the file
+
+    def trial(self, params: dict, where: str = "trial") -> C.Config:
+        """The config of the trial with these Tune params (a spec file's layers included)."""
+        cfg = trial_config(self.space, self.settings, params, where)
+        if cfg.model.name in self.specs:
+            cfg = C.replace(cfg, model__spec=self.specs[cfg.model.name])
+        return cfg
+
+
+def plan(space: Space, settings: Settings, overrides: dict | None = None,
+         where: str = "--set") -> Plan:
+    """The one way from a space, its settings and base overrides (`where` names them in
+    messages) to the base config and every trial's config: each setting, config and model
+    checked once, before anything is prepared or started."""
     from cifar_ray.models import model_info
 
+    if overrides:
+        space = replace(space, base=C.apply(space.base, overrides))
+        C.from_dict(space.base, where)
     check_settings(space, settings)
     if settings.samples > 1 and not space.dists:
         raise UserError(f"--samples {settings.samples}: samples are draws from distributions "
                         f"({', '.join(DISTRIBUTIONS)}) and {space.source} has none; "
                         "use --seeds to repeat configurations")
-    count = settings.samples * max(1, len(space.variants)) * settings.seeds
-    for values in space.grid.values():
-        count *= len(values)
+    count = trial_count(space, settings)
     if count > MAX_TRIALS:
         raise UserError(f"{space.source}: {count:,} trials (samples x variants x grid x seeds), "
                         f"more than the {MAX_TRIALS:,} a sweep may run; sweep fewer values")
-    models: set[str] = set()
-    trials = points(space, settings)
-    for params in trials:
+    settings = replace(settings, max_epochs=max_epochs(settings, space.base))
+    base = C.portable(base_config(space, settings, space.source))
+    space = replace(space, base=C.to_dict(base))
+    specs: dict = {}
+    checked: set[str] = set()
+    trials = []
+    for params in points(space, settings):
         where = f"{space.source}: {describe(params)}"
         cfg = trial_config(space, settings, params, where)
         key = repr((cfg.model.name, sorted(cfg.model.args.items())))
-        if key not in models:
+        if key not in checked:
             try:
                 model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
-            models.add(key)
-    return trials
+            checked.add(key)
+        if Path(cfg.model.name).is_file():
+            if cfg.model.name not in specs:
+                specs[cfg.model.name] = C.portable(cfg).model.spec
+            cfg = C.replace(cfg, model__spec=specs[cfg.model.name])
+        trials.append((params, cfg))
+    return Plan(space, settings, base, tuple(trials), specs)
 
 
 # ---------------------------------------------------------------- the space as resolved

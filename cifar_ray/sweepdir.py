@@ -30,7 +30,7 @@ from cifar_ray import rundir
 from cifar_ray import space as S
 from cifar_ray.errors import UserError, quote
 from cifar_ray.fsutil import atomic_write
-from cifar_ray.rundir import METRIC_COLUMNS, STATE_FILE
+from cifar_ray.rundir import EPOCH_FILE, METRIC_COLUMNS, STATE_FILE
 from cifar_ray.storage import Kind
 from cifar_ray.values import is_finite, is_int, is_number
 
@@ -42,7 +42,6 @@ TRAIN_DIR = "train"
 SWEEP = Kind("sweep", (SPACE_FILE,),
              (SPACE_FILE, STATUS_FILE, "results.parquet", "trials.csv", "best.yaml", "report.md",
               "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp"))
-EPOCH_FILE = "epoch.json"  # beside state.pt in a trial checkpoint: {"epoch": N}
 _TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
 
 
@@ -117,8 +116,7 @@ def load_space(sweep: Path) -> tuple[S.Space, S.Settings, C.Config]:
         raise UserError(f"{sweep}: not a sweep directory (no {SPACE_FILE})")
     space = S.parse(C.read_yaml(path, "space"), str(path), name=Path(sweep).resolve().name)
     settings = S.resolve_settings(space, {})
-    base = S.base_config(space, settings, str(path))
-    return space, settings, base
+    return space, settings, S.base_config(space, settings, str(path))
 
 
 def experiment_dir(sweep: Path) -> Path | None:
@@ -256,7 +254,7 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
         if pick is not None:
             trial.checkpoint = _relative(ckpts[pick], sweep)
         trials.append(trial)
-    return Sweep(sweep, space, settings, base, trials, len(S.points(space, settings)), location)
+    return Sweep(sweep, space, settings, base, trials, S.trial_count(space, settings), location)
 
 
 # ---------------------------------------------------------------- writing the tables
@@ -337,13 +335,12 @@ def best_trial(sw: Sweep) -> Trial | None:
 
 
 def write_best(sw: Sweep) -> Trial | None:
-    """The best trial's config, ready for `cifar-ray train --config` (one worker)."""
+    """The best trial's config, ready for `cifar-ray train --config`."""
     best = best_trial(sw)
     if best is not None:
-        cfg = C.replace(best.config, scale__workers=max(1, best.config.scale.workers))
         header = (f"# best trial {best.trial_id} of sweep {sw.shown()}: val acc "
                   f"{best.best_val_acc:.4f} at epoch {best.best_epoch}\n")
-        atomic_write(sw.path / "best.yaml", header + C.dump_yaml(cfg))
+        atomic_write(sw.path / "best.yaml", header + C.dump_yaml(best.config))
     return best
 
 

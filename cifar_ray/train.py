@@ -18,7 +18,6 @@ import contextlib
 import os
 import secrets
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,54 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_ray import checkpoint, faults, rundir, storage
 from cifar_ray import config as C
-from cifar_ray import faults, rundir, storage
+from cifar_ray.data.split import Split, check_batch, load_split
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import is_out_of_space, out_of_space
 
 RUN_NAME = rundir.CHECKPOINTS  # Ray's experiment folder inside the run directory
 LOOPBACK = "127.0.0.1"  # where a local Ray listens: nothing of it on the machine's network
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode (see init_local)
-
-
-# ---------------------------------------------------------------- data for a run
-
-def load_split(cfg: C.Config) -> dict:
-    """The arrays of a run as a dict of numpy arrays + class names, mean and std."""
-    from cifar_ray.data import load, stratified_subset, train_val_split
-
-    ds = load(cfg.data.source)
-    if "train" not in ds.splits:
-        raise UserError(f"--data {cfg.data.source}: holds only a test split, nothing to train on; "
-                        "give a train/<class>/ tree (a test-only set is for cifar-ray evaluate)")
-    images, labels = ds.splits["train"]
-    train_idx, val_idx = train_val_split(labels, cfg.data.val_fraction, cfg.data.split_seed)
-    if cfg.data.limit:
-        if cfg.data.limit > len(train_idx):
-            raise UserError(f"data.limit={cfg.data.limit}: the training split has only "
-                            f"{len(train_idx)} images; use a smaller --limit")
-        keep = stratified_subset(labels[train_idx], cfg.data.limit, cfg.data.split_seed)
-        train_idx = train_idx[keep]
-        # Keep validation in proportion, so a --limit run also evaluates quickly.
-        n_val = max(len(ds.classes), int(round(len(val_idx) * cfg.data.limit / len(labels))))
-        if n_val < len(val_idx):
-            val_idx = val_idx[stratified_subset(labels[val_idx], n_val, cfg.data.split_seed)]
-    out = {"train_x": images[train_idx], "train_y": labels[train_idx],
-           "val_x": images[val_idx], "val_y": labels[val_idx],
-           "classes": list(ds.classes), "mean": tuple(ds.mean), "std": tuple(ds.std),
-           "source": str(ds.path)}
-    if "test" in ds.splits:
-        out["test_x"], out["test_y"] = ds.splits["test"]
-    return out
-
-
-def to_split(arrays: dict):
-    from cifar_ray.engine import Split
-
-    test = (arrays["test_x"], arrays["test_y"]) if "test_x" in arrays else None
-    return Split(train=(arrays["train_x"], arrays["train_y"]),
-                 val=(arrays["val_x"], arrays["val_y"]), classes=arrays["classes"],
-                 mean=arrays["mean"], std=arrays["std"], test=test)
 
 
 # ---------------------------------------------------------------- inside each worker
@@ -112,15 +72,12 @@ class _RayReporter:
     def epoch_end(self, metrics, state):
         import ray.train
 
-        from cifar_ray.engine import save_state
-
         name = f"epoch-{metrics['epoch']:04d}"
         reported = {**metrics, "node_id": self.node_id}  # a sweep's trials.csv shows it
         if state is None:
             ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_state(state(), Path(tmp) / rundir.STATE_FILE)
+            with checkpoint.written(state(), metrics["epoch"]) as tmp:
                 ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=name)
         self._put(("epoch", metrics))
@@ -140,15 +97,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = C.from_dict(loop_config["config"], "run config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    arrays = ray.get(loop_config["data"])
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        try:
-            with checkpoint.as_directory() as d:
-                resume = engine.load_state(Path(d) / rundir.STATE_FILE)
-        except UserError as e:  # damaged after Ray recorded it: the newest readable one below
-            print(f"warning: Ray's latest checkpoint is unreadable: {e}", flush=True)
+    split = ray.get(loop_config["data"])
+    # Ray's latest checkpoint; if it is damaged, the newest readable one below
+    resume = checkpoint.restored(ray.train.get_checkpoint(), echo=lambda m: print(m, flush=True))
     # On --resume the driver sends the newest complete checkpoint on disk: Ray's own
     # snapshot can lag one epoch behind when the previous driver was stopped mid-report.
     if loop_config.get("resume") is not None:
@@ -158,7 +109,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Ray registers a checkpoint once it has polled every worker's report of it (every 2 s):
     # after a worker died just past a report, a newer complete checkpoint is on disk.
     if loop_config.get("checkpoints"):
-        newest = newest_in(Path(loop_config["checkpoints"]), resume["epoch"] if resume else 0)
+        newest = checkpoint.newest_in(Path(loop_config["checkpoints"]),
+                                      resume["epoch"] if resume else 0)
         resume = newest or resume
     device = ray.train.torch.get_device()
     where = worker_info(rank, device)
@@ -166,7 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if reporter.queue is not None:
         reporter.worker(where)
     try:
-        engine.fit(cfg, to_split(arrays), device=device, rank=rank,
+        engine.fit(cfg, split, device=device, rank=rank,
                    world_size=world, wrap=ray.train.torch.prepare_model, resume=resume,
                    reporter=reporter)
     except engine.NonFiniteLoss as e:
@@ -402,7 +354,7 @@ def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
 
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
-    workers = max(1, scale.workers)
+    workers = scale.workers
     per_worker = scale.cpus_per_worker or max(1, cpus // workers)
     if check:
         if scale.gpu and workers > gpus:
@@ -479,16 +431,6 @@ class _Console:
         print(line, flush=True)
 
 
-def check_batch(cfg: C.Config, n_train: int, workers: int, where: str = "train.batch_size") -> None:
-    """Refuse a global batch that leaves a worker without one full batch per epoch (the
-    loader drops the last partial batch, so the epoch would have no step)."""
-    per_worker = max(1, cfg.train.batch_size // workers)
-    if n_train // workers < per_worker:
-        raise UserError(f"{where}={cfg.train.batch_size}: each of {workers} worker(s) gets "
-                        f"{n_train // workers} training images, fewer than its batch of "
-                        f"{per_worker}; lower the batch size or use more data")
-
-
 def check_run_dir(out: storage.Location, resume: bool, overwrite: bool, keep=()) -> None:
     """Refuse a run directory that cannot take the run, touching nothing. `keep`: paths
     that --overwrite must not delete (the --data source)."""
@@ -499,43 +441,6 @@ def check_run_dir(out: storage.Location, resume: bool, overwrite: bool, keep=())
     storage.check_new(out, overwrite, rundir.RUN, "--resume", keep)
 
 
-def absolute_paths(cfg: C.Config) -> C.Config:
-    """Spec files and data paths made absolute, and a spec file's layers read into
-    `model.spec`: workers build the model from the config they are sent, on any node,
-    whether that node has the file or not (a config whose file is gone still has them)."""
-    from cifar_ray.models import get_spec, list_models
-
-    changes: dict = {}
-    if Path(cfg.model.name).is_file():
-        changes["model__name"] = str(Path(cfg.model.name).resolve())
-        changes["model__spec"] = get_spec(cfg.model.name, **cfg.model.args)
-    elif cfg.model.name in list_models() and cfg.model.spec:
-        changes["model__spec"] = []  # a name replaced the file: its layers are not this model's
-    if Path(cfg.data.source).exists():
-        changes["data__source"] = str(Path(cfg.data.source).resolve())
-    return C.replace(cfg, **changes) if changes else cfg
-
-
-def newest_state(out: Path, echo=print, fetch=Path) -> dict | None:
-    """The newest checkpoint of a run that loads; a copy cut short by a kill is skipped.
-    `fetch`: a stage's, when `out` is one (a checkpoint is downloaded when read)."""
-    return newest_in(Path(out) / RUN_NAME, echo=echo, fetch=fetch)
-
-
-def newest_in(folder: Path, newer_than: int = 0, echo=print, fetch=Path) -> dict | None:
-    """The newest checkpoint after epoch `newer_than` in Ray Train's experiment folder
-    (epoch-NNNN/state.pt) that loads; a copy cut short by a kill is skipped."""
-    from cifar_ray.engine import load_state
-
-    ckpts = rundir.epoch_dirs(folder)
-    for epoch in sorted((e for e in ckpts if e > newer_than), reverse=True):
-        try:
-            return load_state(fetch(ckpts[epoch] / rundir.STATE_FILE))
-        except UserError as e:
-            echo(f"warning: skipping checkpoint of epoch {epoch}: {e}")
-    return None
-
-
 def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         check_resources: bool = True, verbose: bool = False, echo=print) -> dict:
     """Train `cfg` into run directory `out` (a path or URI) on Ray Train; return the
@@ -544,9 +449,7 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
 
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
-    if cfg.scale.workers < 1:
-        raise UserError("scale.workers must be >= 1 for `cifar-ray train`")
-    cfg = absolute_paths(cfg)
+    cfg = C.portable(cfg)
     # Bad input fails before the data is prepared, Ray starts or DIR is written: the model
     # (again below with the data's classes), DIR, the batch size against the data, the cluster.
     model = cfg.model.spec or cfg.model.name
@@ -554,13 +457,14 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
     model_info(cfg.model.name if Path(cfg.model.name).is_file() else model, **cfg.model.args)
     with storage.claimed(loc):  # one writer per folder, from here to the end
         check_run_dir(loc, resume, overwrite, keep=(cfg.data.source,))
-        arrays = load_split(cfg)
-        info = model_info(model, num_classes=len(arrays["classes"]), **cfg.model.args)
-        check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
+        split = load_split(cfg)
+        info = model_info(model, num_classes=len(split.classes), **cfg.model.args)
+        check_batch(cfg, split.n_train, cfg.scale.workers)
         with storage.Stage(loc) as stage:
             newest = resume_from(stage, cfg, echo) if resume else None
-            return _run(cfg, arrays, info, stage, newest, resume, check_resources, verbose,
-                        echo)
+            data = [split]  # _run moves it into Ray's object store: one copy, not two
+            del split
+            return _run(cfg, data, info, stage, newest, resume, check_resources, verbose, echo)
 
 
 def resume_from(stage: storage.Stage, cfg: C.Config, echo=print) -> dict | None:
@@ -570,7 +474,7 @@ def resume_from(stage: storage.Stage, cfg: C.Config, echo=print) -> dict | None:
     checkpoints is made to agree with what is readable (see repair_ray_record)."""
     stage.pull()
     ckpts = rundir.checkpoint_dirs(stage.local)
-    newest = newest_state(stage.local, echo, stage.fetch)
+    newest = checkpoint.newest_state(stage.local, echo, stage.fetch)
     if newest is None:
         if ckpts:
             raise UserError(f"--resume {stage.loc.text}: none of its {len(ckpts)} checkpoints "
@@ -627,7 +531,7 @@ def repair_ray_record(stage: storage.Stage, good: set[str]) -> None:
         storage.remove(stage.loc.sub(rel))
 
 
-def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: dict | None,
+def _run(cfg: C.Config, data: list[Split], info: dict, stage: storage.Stage, newest: dict | None,
          resume: bool, check_resources: bool, verbose: bool, echo) -> dict:
     """The Ray part of `run`: start the trainer, follow it, write the run's files. `newest`:
     the checkpoint a resumed run continues from."""
@@ -658,9 +562,8 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
     # On the driver's node: the workers' node may be lost, and the queue with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    trainer = make_trainer(cfg, ray.put(arrays), res, stage.loc, RUN_NAME, queue=queue,
+    trainer = make_trainer(cfg, ray.put(data.pop()), res, stage.loc, RUN_NAME, queue=queue,
                            resume=resume_ref)
-    arrays.clear()  # the object store holds the one copy now (the caller's dict is this one)
     outcome: dict = {}
 
     def _fit():
@@ -744,7 +647,7 @@ def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: fl
 
     stage.pull()  # the checkpoints as Ray left them
     out = stage.local
-    newest = newest_state(out, lambda *a: None, stage.fetch)
+    newest = checkpoint.newest_state(out, lambda *a: None, stage.fetch)
     history = newest["history"] if newest else []
     if not history:
         return {"epochs": 0}

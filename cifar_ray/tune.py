@@ -33,26 +33,22 @@ import logging
 import math
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from cifar_ray import checkpoint, faults, rundir, storage, train
 from cifar_ray import config as C
-from cifar_ray import faults
-from cifar_ray import rundir
 from cifar_ray import space as S
-from cifar_ray import storage
 from cifar_ray import sweepdir as D
-from cifar_ray import train as T
+from cifar_ray.data.split import check_batch, load_split
 from cifar_ray.errors import UserError
-from cifar_ray.fsutil import atomic_write, is_out_of_space, out_of_space
+from cifar_ray.fsutil import is_out_of_space, out_of_space
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (nested Tune + Train
@@ -68,11 +64,9 @@ TABLE_EVERY_S = 20.0  # seconds between progress tables
 @dataclass(frozen=True)
 class Shared:
     """What every trial reads, put in the object store once (with_parameters)."""
-    data: object  # ObjectRef of the split's arrays (a multi-worker trial hands it on)
-    space: S.Space
-    settings: S.Settings
+    data: object  # ObjectRef of the split (a multi-worker trial hands it on)
+    plan: S.Plan  # the sweep as resolved (without its list of trials: params come from Tune)
     sweep: storage.Location
-    specs: dict  # spec file -> its layers, read by the driver (a trial's node may lack it)
 
 
 # ---------------------------------------------------------------- inside a trial
@@ -88,11 +82,7 @@ class _EpochReporter:
         pass
 
     def epoch_end(self, metrics, state):
-        from cifar_ray.engine import save_state
-
-        with tempfile.TemporaryDirectory() as tmp:
-            save_state(state(), Path(tmp) / rundir.STATE_FILE)
-            atomic_write(Path(tmp) / D.EPOCH_FILE, json.dumps({"epoch": metrics["epoch"]}))
+        with checkpoint.written(state(), metrics["epoch"]) as tmp:
             tune.report({**metrics, "node_id": self.node_id},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
         faults.point("trial-epoch", lr=self.lr, epoch=metrics["epoch"])
@@ -110,10 +100,8 @@ class _ToTune(TuneReportCallback):
 
 def run_trial(config: dict, shared: Shared) -> None:
     """The Tune function of one trial (see the module docstring)."""
-    cfg = S.trial_config(shared.space, shared.settings, config["trial"])
-    if cfg.model.name in shared.specs:
-        cfg = C.replace(cfg, model__spec=shared.specs[cfg.model.name])
-    if shared.settings.workers_per_trial > 1:
+    cfg = shared.plan.trial(config["trial"])
+    if shared.plan.settings.workers_per_trial > 1:
         _run_trainer(cfg, shared)
     else:
         _run_engine(cfg, shared)
@@ -124,14 +112,10 @@ def _run_engine(cfg: C.Config, shared: Shared) -> None:
 
     from cifar_ray import engine
 
-    torch.set_num_threads(max(1, int(shared.settings.cpus_per_trial)))
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = engine.load_state(Path(d) / rundir.STATE_FILE)
+    torch.set_num_threads(max(1, int(shared.plan.settings.cpus_per_trial)))
+    resume = checkpoint.restored(tune.get_checkpoint())
     try:
-        engine.fit(cfg, T.to_split(ray.get(shared.data)), device=engine.pick_device(cfg.scale.gpu),
+        engine.fit(cfg, ray.get(shared.data), device=engine.pick_device(cfg.scale.gpu),
                    resume=resume, reporter=_EpochReporter(cfg.optim.lr))
     except (engine.NonFiniteLoss, UserError) as e:
         # Deterministic failures: report the reason and end, rather than let Tune retry.
@@ -139,11 +123,11 @@ def _run_engine(cfg: C.Config, shared: Shared) -> None:
 
 
 def _run_trainer(cfg: C.Config, shared: Shared) -> None:
-    s = shared.settings
+    s = shared.plan.settings
     trial_id = tune.get_context().get_trial_id()
-    res = T.Resources(s.workers_per_trial, worker_cpus(s), s.gpus_per_trial > 0)
+    res = train.Resources(s.workers_per_trial, worker_cpus(s), s.gpus_per_trial > 0)
     # Same name and storage on --resume: Ray Train continues from the run's last checkpoint.
-    trainer = T.make_trainer(cfg, shared.data, res, shared.sweep.sub(D.TRAIN_DIR),
+    trainer = train.make_trainer(cfg, shared.data, res, shared.sweep.sub(D.TRAIN_DIR),
                              f"train-{trial_id}", callbacks=[_ToTune()])
     trainer.run_config.failure_config.controller_failure_limit = 1  # fail, don't hang
     trainer.fit()
@@ -296,12 +280,12 @@ def worker_cpus(s: S.Settings) -> int:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Placement:
     resources: dict  # of each trial's Tune function
     concurrent: int | None  # max_concurrent_trials
 
 
-def plan(settings: S.Settings, check: bool = True) -> Plan:
+def place(settings: S.Settings, check: bool = True) -> Placement:
     """Each trial's resources and the concurrency cap; refuses a trial larger than the
     cluster (Ray would wait for it forever)."""
     s = settings
@@ -323,11 +307,11 @@ def plan(settings: S.Settings, check: bool = True) -> Plan:
             raise UserError(f"no node of the Ray cluster has {need_cpu:g} CPUs and {need_gpu:g} "
                             "GPUs for one trial; lower --cpus-per-trial/--gpus-per-trial")
     if not multi:
-        return Plan({"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}, s.concurrent or None)
+        return Placement({"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}, s.concurrent or None)
     fit = int(cpus // need_cpu) if cpus else 1
     if need_gpu:
         fit = min(fit, int(gpus // need_gpu))
-    return Plan(dict(TRIAL_DRIVER), max(1, min(s.concurrent or fit, fit)))
+    return Placement(dict(TRIAL_DRIVER), max(1, min(s.concurrent or fit, fit)))
 
 
 def check_state_api() -> None:
@@ -356,22 +340,13 @@ def _quiet(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _shared_arrays(arrays: dict) -> dict:
-    """NCHW images (the device loader's layout): a CPU trial reads them in place."""
-    out = dict(arrays)
-    for key in ("train_x", "val_x", "test_x"):
-        if key in out:
-            out[key] = np.ascontiguousarray(out[key].transpose(0, 3, 1, 2))
-    return out
-
-
 # ---------------------------------------------------------------- the driver
 
-def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool = False,
-        overwrite: bool = False, check_resources: bool = True, verbose: bool = False,
-        echo=print) -> D.Sweep:
-    """Run (or with `resume`, continue) the sweep of `space` into `out` (a path or URI);
-    write the tables and the report; return the sweep as read back."""
+def run(plan: S.Plan | None, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+        check_resources: bool = True, verbose: bool = False, echo=print) -> D.Sweep:
+    """Run the sweep `plan` (see space.plan) into `out` (a path or URI), or with `resume`
+    continue the one there (plan None); write the tables and the report; return the sweep
+    as read back."""
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
     with storage.claimed(loc), storage.Stage(loc) as stage:  # one writer per folder
@@ -381,72 +356,56 @@ def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool =
                 raise UserError(f"--resume {loc.text}: not a sweep directory (no {D.SPACE_FILE})")
             stage.pull()
             space, settings, _ = D.load_space(stage.local)
+            plan = S.plan(space, settings)
             exp = D.experiment_dir(stage.local)
             if exp is None or not (exp / "tuner.pkl").is_file():
                 raise UserError(f"--resume {loc.text}: the sweep never started (no "
                                 f"{D.TUNE_PREFIX}*/tuner.pkl); run it again with --overwrite")
             experiment = loc.sub(exp.name)
-        return _run(space, settings, stage, experiment, overwrite, check_resources, verbose,
-                    echo)
+        else:  # before the data is prepared and Ray starts
+            storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
+                              keep=(plan.base.data.source,))
+        return _run(plan, stage, experiment, check_resources, verbose, echo)
 
 
-def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
-         experiment: storage.Location | None, overwrite: bool, check_resources: bool,
-         verbose: bool, echo) -> D.Sweep:
+def _run(plan: S.Plan, stage: storage.Stage, experiment: storage.Location | None,
+         check_resources: bool, verbose: bool, echo) -> D.Sweep:
     """The sweep into `stage.loc`: a new one, or with `experiment` (Tune's folder of the
     sweep) the continuation of an interrupted one."""
-    from cifar_ray.report import sweep_report
+    from cifar_ray.report import publish
 
     loc, resume = stage.loc, experiment is not None
-    if not resume:
-        # before the data is prepared and Ray starts
-        storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
-                          keep=((space.base.get("data") or {}).get("source"),))
-    S.check_settings(space, settings)
-    settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
-    base = S.base_config(space, settings, space.source)
-    base = T.absolute_paths(base)
-    space = replace(space, base=C.to_dict(base))
-    trials = S.check(space, settings)  # every trial's config and model, before anything runs
-    split = T.load_split(base)
-    specs = {}
-    for params in trials:  # every trial's batch against the data, before Ray starts
-        cfg = S.trial_config(space, settings, params)
-        if Path(cfg.model.name).is_file() and cfg.model.name not in specs:
-            specs[cfg.model.name] = T.absolute_paths(cfg).model.spec
-        T.check_batch(cfg, len(split["train_y"]), settings.workers_per_trial,
-                      f"{space.source}: {S.describe(params)}: train.batch_size")
-    arrays = _shared_arrays(split)
-    del split
+    settings, base = plan.settings, plan.base
+    split = load_split(base, nchw=True)  # a CPU trial reads the device loader's layout in place
+    for params, cfg in plan.trials:  # every trial's batch against the data, before Ray starts
+        check_batch(cfg, split.n_train, settings.workers_per_trial,
+                    f"{plan.space.source}: {S.describe(params)}: train.batch_size")
     started_ray = not ray.is_initialized()
     _quiet(verbose)
     # A multi-worker trial's TorchTrainer reserves its workers' CPUs in a placement group that
     # Ray Train frees once its cleaner sees, through the State API (served by the dashboard),
     # that the trial's controller is gone: without it each finished or stopped trial kept its
     # CPUs and the sweep stalled once they ran out.
-    T.init_ray(verbose=verbose, dashboard=settings.workers_per_trial > 1)
+    train.init_ray(verbose=verbose, dashboard=settings.workers_per_trial > 1)
     try:
-        p = plan(settings, check_resources)
+        p = place(settings, check_resources)
         if settings.workers_per_trial > 1 and check_resources:
             check_state_api()
-        T.check_shared(loc, echo)
+        train.check_shared(loc, echo)
         if not resume:
             storage.make_new(loc)
-            storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
-        echo(f"sweep {space.name}: {len(trials)} trials, up to {base.train.epochs} epochs each "
-             f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
+            storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(plan.space, settings, base)))
+        echo(f"sweep {plan.space.name}: {len(plan.trials)} trials, up to {base.train.epochs} "
+             f"epochs each (ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
              f"{'resuming' if resume else 'writing'} {loc.text}")
-        shared = Shared(ray.put(arrays), space, settings, loc, specs)
-        del arrays  # the object store holds the one copy now
+        shared = Shared(ray.put(split), replace(plan, trials=()), loc)
+        del split  # the object store holds the one copy now
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), p.resources)
-        tuner = _tuner(trainable, trials, settings, base, loc, p, experiment)
+        tuner = _tuner(trainable, [params for params, _ in plan.trials], settings, base, loc, p,
+                       experiment)
         tuner.fit()
         stage.pull()  # Tune's results, as it left them in the store
-        sw = D.read_sweep(stage.local, location=loc.text)
-        D.write_tables(sw)
-        sweep_report(sw)
-        stage.push()
-        return sw
+        return publish(stage)
     except Exception as e:  # Tune's own writes (experiment state, trial results) on a full disk
         if is_out_of_space(e):
             raise out_of_space(loc.text, then=f" and continue with: cifar-ray tune --resume "
@@ -476,7 +435,7 @@ def _out_of_memory(error: BaseException | None) -> bool:
 
 
 def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
-           sweep: storage.Location, p: Plan, experiment: storage.Location | None):
+           sweep: storage.Location, p: Placement, experiment: storage.Location | None):
     if experiment is not None:
         return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False,

@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cifar_ray import config as C
-from cifar_ray import engine
+from cifar_ray import checkpoint, engine
 from cifar_ray import space as S
 from cifar_ray.cli import main
 from cifar_ray.data import archive, load, prepare, sources
@@ -76,14 +76,14 @@ def assets(tmp_path_factory):
     spec.write_text(TINY_SPEC)
     cfg = C.load_config(None, [f"model.name={spec}", f"data.source={data}",
                                "train.batch_size=32", "train.channels_last=false"])
-    state = {"format": engine.STATE_FORMAT, "epoch": 1, "step": 1,
+    state = {"format": checkpoint.FORMAT, "epoch": 1, "step": 1,
              "model": create_model(str(spec), len(ds.classes)).state_dict(), "optimizer": {},
              "scaler": None, "ema": None, "lookahead": None, "rng": None,
              "config": C.to_dict(cfg), "classes": list(ds.classes), "mean": list(ds.mean),
              "std": list(ds.std), "history": []}
     run = root / "run"
     ckpt = run / "checkpoints" / "epoch-0001" / "state.pt"
-    engine.save_state(state, ckpt)
+    checkpoint.save_state(state, ckpt)
     image = root / "cat.png"
     image.write_bytes(encode(random_images(1, 0)[0]))
     space = root / "space.yaml"
@@ -196,7 +196,7 @@ def with_state(fx, name: str, **changes) -> Path:
     """The good checkpoint with some entries changed (None: removed)."""
     state = {k: v for k, v in {**fx.state, **changes}.items() if v is not None or k not in changes}
     path = fx.tmp / name
-    engine.save_state(state, path)
+    checkpoint.save_state(state, path)
     return path
 
 
@@ -949,7 +949,7 @@ def test_controls_the_good_inputs_work(fx, tmp_path):
     assert invoke(["predict", fx.ckpt, big]).exit_code == 0
     assert invoke(["predict", with_state(fx, "again.pt"), fx.image]).exit_code == 0
     space = S.load_space(str(fx.space))
-    assert len(S.check(space, S.resolve_settings(space, {}))) == 2
+    assert len(S.plan(space, S.resolve_settings(space, {})).trials) == 2
     assert invoke(["data", "prepare", write_dir(fx.tmp / "imgs", tree()[0])]).exit_code == 0
     # A merge key overriding what it merges is not a key given twice.
     merged = _write(fx.tmp / "merge.yaml", "x: &b {epochs: 2, batch_size: 8}\ntrain:\n  <<: *b\n  batch_size: 32\n")
@@ -1081,8 +1081,8 @@ def test_fuzz_spaces(doc):
         return
     settings_ = parses_or_refuses(S.resolve_settings, space, {})
     if settings_ is not None:
-        trials = parses_or_refuses(S.check, space, settings_)
-        assert trials is None or isinstance(trials, list)
+        plan = parses_or_refuses(S.plan, space, settings_)
+        assert plan is None or isinstance(plan.trials, tuple)
 
 
 # ---------------------------------------------------------------- good inputs, read right

@@ -15,7 +15,7 @@ from cifar_ray import config as C
 from cifar_ray.bench import loader_vs_torchvision, time_to_accuracy, torchvision_loader
 from cifar_ray.cli import main
 from cifar_ray.data.loader import DeviceLoader
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -72,7 +72,7 @@ def test_time_to_accuracy_gives_the_curve_and_each_target():
     cfg = C.load_config("speed-cpu", ["data.source=synthetic:600", "train.epochs=2",
                                       "train.batch_size=64", "model.args.block1=8",
                                       "model.args.block2=8", "model.args.block3=8"])
-    r = time_to_accuracy(cfg, to_split(load_split(cfg)), torch.device("cpu"),
+    r = time_to_accuracy(cfg, load_split(cfg), torch.device("cpu"),
                          {0.0: 100.0, 1.01: 1.0})
     assert [row["epoch"] for row in r["curve"]] == [1, 2]
     assert 0 < r["curve"][0]["train_s"] < r["curve"][1]["train_s"] == r["train_s"]

@@ -141,3 +141,20 @@ def test_one_rule_for_numbers_in_every_reader():
             C.from_dict({"optim": {"lr": bad}})
         with pytest.raises(UserError, match="factor must be a (finite )?number"):
             normalize([{"mul": bad}])
+
+
+def test_a_new_model_starts_without_the_old_models_args():
+    """One rule for --model/--set model.name and a sweep's model.name: the old model's args
+    and layers are not the new one's (`--config speed-cpu --model cnn` builds a cnn); args
+    given with the new name apply, in whatever order they come."""
+    from cifar_ray.models import model_info
+
+    cfg = C.load_config("speed-cpu", ["model.args.depth=2", "model.name=cnn"])
+    assert cfg.model.name == "cnn" and cfg.model.args == {"depth": 2}
+    assert model_info(cfg.model.name, **cfg.model.args)["params"] > 0
+    assert cfg.optim.lr == C.load_config("speed-cpu").optim.lr  # the rest of the preset stays
+    same = C.load_config("speed-cpu", ["model.name=speed"])  # the same model keeps its args
+    assert same.model.args == C.load_config("speed-cpu").model.args
+    assert C.apply({"model": {"name": "cnn", "args": {"depth": 2}, "spec": [{"conv": 8}]}},
+                   {"model.name": "seed-small"})["model"] == {"name": "seed-small", "args": {},
+                                                              "spec": []}

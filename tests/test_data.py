@@ -629,7 +629,7 @@ def test_a_test_only_tree_is_a_test_split(tmp_path, kind):
     assert ds.mean == tuple(channel_stats(x)[0])  # its own statistics: there is no train split
 
     from cifar_ray import config as C
-    from cifar_ray.train import load_split
+    from cifar_ray.data.split import load_split
 
     with pytest.raises(UserError) as e:
         load_split(C.load_config(None, [f"data.source={ds.path}"]))

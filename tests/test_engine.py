@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from cifar_ray import config as C
-from cifar_ray import engine, rundir
+from cifar_ray import checkpoint, engine, rundir
 from cifar_ray.errors import UserError
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 from helpers import tiny_spec as write_tiny_spec
 
 
@@ -38,13 +38,13 @@ class Capture:
         self.metrics.append(metrics)
         if state is not None:
             path = self.tmp / f"epoch-{metrics['epoch']}.pt"
-            engine.save_state(state(), path)
-            self.states[metrics["epoch"]] = engine.load_state(path)
+            checkpoint.save_state(state(), path)
+            self.states[metrics["epoch"]] = checkpoint.load_state(path)
 
 
 def test_fit_learns_synthetic(tiny_spec):
     cfg = make_cfg(tiny_spec, "train.epochs=4")
-    history = engine.fit(cfg, to_split(load_split(cfg)), device=torch.device("cpu"))
+    history = engine.fit(cfg, load_split(cfg), device=torch.device("cpu"))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[-1]["val_acc"] > 0.35  # 10 classes: chance is 0.1
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -72,7 +72,7 @@ def test_a_run_at_chance_says_so(capsys):
 
 def test_resume_equals_uninterrupted(tiny_spec, tmp_path):
     cfg = make_cfg(tiny_spec, "train.epochs=3", "optim.ema_decay=0.9")
-    data = to_split(load_split(cfg))
+    data = load_split(cfg)
     full = Capture(tmp_path)
     engine.fit(cfg, data, device=torch.device("cpu"), reporter=full)
     resumed = Capture(tmp_path / 'r')
@@ -89,7 +89,7 @@ def test_nan_loss_stops_with_epoch_and_step(tiny_spec):
     cfg = make_cfg(tiny_spec, "optim.lr=1e12", "optim.schedule=constant",
                    "optim.warmup_epochs=0", "train.precision=fp32")
     with pytest.raises(engine.NonFiniteLoss, match=r"epoch 1, step \d+/\d+; lower optim.lr"):
-        engine.fit(cfg, to_split(load_split(cfg)), device=torch.device("cpu"))
+        engine.fit(cfg, load_split(cfg), device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
@@ -155,7 +155,7 @@ def test_load_state_refuses_bad_checkpoints(tmp_path, monkeypatch, payload):
     else:
         torch.save({"format": 99}, path)
     with pytest.raises(UserError, match="state.pt"):
-        engine.load_state(path)
+        checkpoint.load_state(path)
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -258,15 +258,15 @@ def test_write_killed_before_the_rename_keeps_the_previous_file(what, tmp_path):
     the old one leaves the old one, complete; the new bytes sit in a hidden temp file."""
     import torch
 
-    from cifar_ray import engine
+    from cifar_ray import checkpoint
 
     folder = tmp_path / "run"
     folder.mkdir()
     row = {"epoch": 1, "train_loss": 2.0, "val_acc": 0.2}
     if what == "checkpoint":
         path = folder / "state.pt"
-        engine.save_state({"format": engine.STATE_FORMAT, "epoch": 1, "w": torch.ones(10)}, path)
-        code = ("import sys, torch; from cifar_ray.engine import save_state; "
+        checkpoint.save_state({"format": checkpoint.FORMAT, "epoch": 1, "w": torch.ones(10)}, path)
+        code = ("import sys, torch; from cifar_ray.checkpoint import save_state; "
                 "save_state({'format': 1, 'epoch': 2, 'w': torch.zeros(2_000_000)}, sys.argv[1])")
     else:
         path = folder / "metrics.csv"
@@ -315,8 +315,8 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
     import torch
 
     from cifar_ray import config as C
-    from cifar_ray import engine
-    from cifar_ray.train import load_split, to_split
+    from cifar_ray import checkpoint, engine
+    from cifar_ray.data.split import load_split
 
     spec = tiny_spec(tmp_path / "dropout.yaml", dropout=0.2)
     cfg = C.load_config(None, [f"model.name={spec}", "data.source=synthetic:600",
@@ -324,7 +324,7 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
                                "aug.crop_pad=2", "aug.hflip=random", "aug.cutout=8",
                                "optim.label_smoothing=0.1", "optim.ema_decay=0.9",
                                "optim.lookahead_every=5", "train.precision=fp32"])
-    data = to_split(load_split(cfg))
+    data = load_split(cfg)
     keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
     class Capture:
@@ -337,8 +337,8 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tmp_path):
         def epoch_end(self, metrics, state):
             self.metrics.append({k: metrics[k] for k in keys})
             path = tmp_path / f"{self.name}-{metrics['epoch']}.pt"
-            engine.save_state(state(), path)
-            self.states[metrics["epoch"]] = engine.load_state(path)
+            checkpoint.save_state(state(), path)
+            self.states[metrics["epoch"]] = checkpoint.load_state(path)
 
     def fit(name, threads=1, resume=None):
         before = torch.get_num_threads()
@@ -386,10 +386,6 @@ def test_a_12_trial_sweep_finishes_on_one_copy_of_the_data(ray_local, tmp_path):
     peak memory (summed PSS) stays that of a few trial processes, not of 12. The data is shared: a
     trial's loader trains from the object store's copy in place (same memory, read-only),
     never from a copy of its own."""
-    import numpy as np
-
-    from cifar_ray import tune as TU
-
     lrs = [round(0.02 + 0.01 * i, 4) for i in range(12)]
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"base": {**SWEEP_BASE, "train": {"epochs": 1,
@@ -423,21 +419,19 @@ def test_a_12_trial_sweep_finishes_on_one_copy_of_the_data(ray_local, tmp_path):
     @ray_local.remote
     def loader_memory(shared: list) -> dict:
         from cifar_ray.data.loader import DeviceLoader
-        from cifar_ray.train import to_split
 
-        arrays = ray_local.get(shared[0])
-        split = to_split(arrays)
+        split = ray_local.get(shared[0])
         loader = DeviceLoader(*split.train, batch_size=32, device="cpu", mean=split.mean,
                               std=split.std, shuffle=True)
-        return {"same_memory": loader.images.data_ptr() == arrays["train_x"].ctypes.data,
-                "writeable": arrays["train_x"].flags.writeable}
+        return {"same_memory": loader.images.data_ptr() == split.train[0].ctypes.data,
+                "writeable": split.train[0].flags.writeable}
 
     from cifar_ray import config as C
-    from cifar_ray.train import load_split
+    from cifar_ray.data.split import load_split
 
-    arrays = TU._shared_arrays(load_split(C.from_dict({"data": {"source": "synthetic:1000"}})))
-    assert isinstance(arrays["train_x"], np.ndarray)
-    seen = ray_local.get(loader_memory.remote([ray_local.put(arrays)]))
+    split = load_split(C.from_dict({"data": {"source": "synthetic:1000"}}), nchw=True)
+    assert split.train[0].shape[1:] == (3, 32, 32)
+    seen = ray_local.get(loader_memory.remote([ray_local.put(split)]))
     assert seen == {"same_memory": True, "writeable": False}
 
 

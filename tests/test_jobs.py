@@ -181,8 +181,8 @@ def test_smoke_spaces_are_valid_and_small(jobs, tmp_path, space, keep, trials):
     samples = 2 if space == "architecture" else 1
     settings = S.resolve_settings(parsed, {"samples": samples, "max_epochs": 1, "grace": 1,
                                            "concurrent": 2, "gpus_per_trial": 0.0})
-    checked = S.check(parsed, settings)  # every trial's config and model build
-    assert (checked if isinstance(checked, int) else len(checked)) == trials
+    checked = S.plan(parsed, settings)  # every trial's config and model build
+    assert len(checked.trials) == trials
 
 
 def test_smoke_space_unknown_variant(jobs):

@@ -267,19 +267,17 @@ def test_the_config_carries_a_spec_files_layers(spec, tmp_path):
 
     from cifar_ray import config as C
     from cifar_ray import engine
-    from cifar_ray import space as S
-    from cifar_ray.train import absolute_paths
 
-    cfg = absolute_paths(C.load_config(overrides=[f"model.name={spec}"]))
+    cfg = C.portable(C.load_config(overrides=[f"model.name={spec}"]))
     assert cfg.model.name == spec and len(cfg.model.spec) == 5
     Path(spec).unlink()  # a node without the file
     model = engine.build_model(cfg, 10, torch.device("cpu"))
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     # a registered name in place of the file: the file's layers are not this model's
-    named = absolute_paths(C.replace(cfg, model__name="seed-small"))
+    named = C.portable(C.replace(cfg, model__name="seed-small"))
     assert named.model.spec == []
-    # a sweep's variant naming another model starts without the base's layers
-    data = S.apply(C.to_dict(cfg), {"model.name": "cnn"})
+    # a --model or a sweep's variant naming another model starts without the base's layers
+    data = C.apply(C.to_dict(cfg), {"model.name": "cnn"})
     assert data["model"]["spec"] == [] and data["model"]["args"] == {}
 
 

@@ -7,7 +7,6 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cifar_ray import config as C
 from cifar_ray import space as S
 from cifar_ray.cli import main
 from cifar_ray.errors import UserError
@@ -22,7 +21,7 @@ def write_space(tmp_path, data, name="space.yaml"):
 
 def checked(tmp_path, data, **flags):
     space = S.load_space(write_space(tmp_path, data))
-    return S.check(space, S.resolve_settings(space, flags))
+    return [params for params, _ in S.plan(space, S.resolve_settings(space, flags)).trials]
 
 
 BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 8}}, "train": {"epochs": 3}}
@@ -32,13 +31,13 @@ BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 8}}, "train": {
 def test_builtin_space_validates_every_trial(name):
     space = S.load_space(name)
     settings = S.resolve_settings(space, {})
-    trials = S.check(space, settings)
-    assert len(trials) >= 5 and space.description
+    plan = S.plan(space, settings)
+    assert len(plan.trials) >= 5 and space.description
     # The resolved form (what a sweep saves as DIR/space.yaml) is a space that yields the
-    # same trials.
-    base = C.from_dict(S.apply(space.base, S.sweep_overrides(settings, space.base)))
-    again = S.parse(yaml.safe_load(yaml.safe_dump(S.resolved(space, settings, base))), "resolved")
-    assert S.points(again, S.resolve_settings(again, {})) == trials
+    # same trials, with the same configs.
+    resolved = S.resolved(plan.space, plan.settings, plan.base)
+    again = S.parse(yaml.safe_load(yaml.safe_dump(resolved)), "resolved")
+    assert S.plan(again, S.resolve_settings(again, {})).trials == plan.trials
 
 
 def test_builtin_spaces_cover_the_knobs_the_seed_turned():

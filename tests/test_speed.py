@@ -14,7 +14,7 @@ from cifar_ray import engine
 from cifar_ray.errors import UserError
 from cifar_ray.models import create_model, model_info
 from cifar_ray.models.spec import ShiftBatchNorm, Whiten, build_model, normalize, summarize
-from cifar_ray.train import load_split, to_split
+from cifar_ray.data.split import load_split
 
 
 def correlated_images(n=128, seed=0):
@@ -66,7 +66,7 @@ def test_fit_whitens_from_training_images():
     cfg = C.load_config("speed-cpu", ["data.source=synthetic:400", "train.epochs=1",
                                       "train.batch_size=64", "model.args.block1=8",
                                       "model.args.block2=8", "model.args.block3=8"])
-    data = to_split(load_split(cfg))
+    data = load_split(cfg)
     hist = engine.fit(cfg, data, device=torch.device("cpu"))
     assert len(hist) == 1 and torch.isfinite(torch.tensor(hist[0]["train_loss"]))
 
@@ -96,7 +96,7 @@ def test_lookahead_state_resumes(tmp_path):
     cfg = C.load_config("speed-cpu", ["data.source=synthetic:400", "train.epochs=2",
                                       "train.batch_size=64", "model.args.block1=8",
                                       "model.args.block2=8", "model.args.block3=8"])
-    data = to_split(load_split(cfg))
+    data = load_split(cfg)
     states = {}
 
     class Keep:
@@ -229,5 +229,5 @@ def test_speed_cpu_recipe_learns_on_synthetic_data():
     cfg = C.load_config("speed-cpu", ["data.source=synthetic:1200", "train.epochs=3",
                                       "train.batch_size=128", "model.args.block1=16",
                                       "model.args.block2=16", "model.args.block3=32"])
-    hist = engine.fit(cfg, to_split(load_split(cfg)), device=torch.device("cpu"))
+    hist = engine.fit(cfg, load_split(cfg), device=torch.device("cpu"))
     assert hist[-1]["val_acc"] > 0.3  # chance is 0.1

@@ -171,7 +171,7 @@ def test_bad_train_input(args, match, tmp_path):
 def test_newest_state_skips_a_checkpoint_cut_short(ddp_run, tmp_path):
     import shutil
 
-    from cifar_ray.train import newest_state
+    from cifar_ray.checkpoint import newest_state
 
     out, _ = ddp_run
     copy = tmp_path / "copy"
@@ -205,7 +205,7 @@ def test_ctrl_c_stops_after_saving_and_resume_equals_uninterrupted(ray_local, sp
 
     from cifar_ray import config as C
     from cifar_ray import engine
-    from cifar_ray.train import load_split, to_split
+    from cifar_ray.data.split import load_split
 
     out = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -241,7 +241,7 @@ def test_ctrl_c_stops_after_saving_and_resume_equals_uninterrupted(ray_local, sp
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.scale.cpus_per_worker)
     try:
-        alone = engine.fit(cfg, to_split(load_split(cfg)), device=torch.device("cpu"))
+        alone = engine.fit(cfg, load_split(cfg), device=torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     for ra, rb in zip(alone, rows, strict=True):

@@ -268,11 +268,11 @@ def test_plan_packs_gpu_shares_and_gives_ddp_trials_whole_gpus(monkeypatch):
     node = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}}
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
     monkeypatch.setattr(ray, "nodes", lambda: [node, node])
-    shared = TU.plan(S.Settings(gpus_per_trial=0.25, cpus_per_trial=2))
+    shared = TU.place(S.Settings(gpus_per_trial=0.25, cpus_per_trial=2))
     assert shared.resources == {"cpu": 2, "gpu": 0.25} and shared.concurrent is None
-    ddp = TU.plan(S.Settings(workers_per_trial=2, gpus_per_trial=2, cpus_per_trial=4))
+    ddp = TU.place(S.Settings(workers_per_trial=2, gpus_per_trial=2, cpus_per_trial=4))
     assert ddp.resources["cpu"] == 0 and "gpu" not in ddp.resources
     assert ddp.concurrent == 2  # 4 GPUs / 2 per trial; the trial drivers hold no CPU
-    assert TU.plan(S.Settings(workers_per_trial=2, cpus_per_trial=6)).concurrent == 2  # 16 // 6
+    assert TU.place(S.Settings(workers_per_trial=2, cpus_per_trial=6)).concurrent == 2  # 16 // 6
     with pytest.raises(Exception, match="no node of the Ray cluster has 10 CPUs"):
-        TU.plan(S.Settings(cpus_per_trial=10))
+        TU.place(S.Settings(cpus_per_trial=10))
