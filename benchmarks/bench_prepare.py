@@ -79,12 +79,12 @@ def decoders(source: str) -> dict:
 
     import torchvision.io  # noqa: F401
 
-    from cifar_ray.data import sources
+    from cifar_ray.data import archive, decode, sources
 
     raw = Path(source).read_bytes()
-    items = [(name, blob) for name, blob in sources._tar_entries(Path(source), raw)
+    items = [(name, blob) for name, blob in archive.tar_entries(Path(source), raw)
              if blob is not None and name.lower().endswith(sources.IMAGE_SUFFIXES)]
-    pil_only = sources._torchvision_decoder
+    pil_only = decode._torchvision_decoder
 
     def timed(fn):
         t0 = time.perf_counter()
@@ -92,12 +92,12 @@ def decoders(source: str) -> dict:
         return time.perf_counter() - t0
 
     out = {"images": len(items)}
-    out["PIL, 1 process"] = timed(lambda: [sources._decode_pil(n, b, False) for n, b in items])
-    out["torchvision, 1 process"] = timed(lambda: sources._decode_chunk(items, False, True))
-    sources._torchvision_decoder = lambda: None
-    out["PIL, pool"] = timed(lambda: sources.decode_images(iter(items)))
-    sources._torchvision_decoder = pil_only
-    out["torchvision, pool"] = timed(lambda: sources.decode_images(iter(items)))
+    out["PIL, 1 process"] = timed(lambda: [decode._decode_pil(n, b, False) for n, b in items])
+    out["torchvision, 1 process"] = timed(lambda: decode._decode_chunk(items, False, True))
+    decode._torchvision_decoder = lambda: None
+    out["PIL, pool"] = timed(lambda: decode.decode_images(iter(items)))
+    decode._torchvision_decoder = pil_only
+    out["torchvision, pool"] = timed(lambda: decode.decode_images(iter(items)))
     return out
 
 

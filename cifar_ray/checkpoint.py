@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import re
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from cifar_ray import rundir
 from cifar_ray.errors import UserError, quote
 from cifar_ray.fsutil import atomic_write
+from cifar_ray.values import is_finite, is_int
 
 FORMAT = 1  # bump when the checkpoint layout changes
 
@@ -64,15 +64,14 @@ def load_state(path) -> dict:
 def _state_problem(state: dict) -> str | None:
     """What is wrong with the parts of a checkpoint that evaluate, predict and resume read."""
     def numbers(v, n):
-        return (isinstance(v, (list, tuple)) and len(v) == n and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+        return isinstance(v, (list, tuple)) and len(v) == n and all(map(is_finite, v))
 
     def weights(v):
         return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
                                            for k, t in v.items())
 
     checks = [
-        ("epoch", lambda v: isinstance(v, int) and v >= 0, "an epoch number"),
+        ("epoch", lambda v: is_int(v) and v >= 0, "an epoch number"),
         ("config", lambda v: isinstance(v, dict), "a config mapping"),
         ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
          "a list of class names"),

@@ -2,8 +2,10 @@
 
 One frozen dataclass tree. Every field has a default and a comment with its unit. A config
 is built from defaults, then a YAML file (`--config`), then dotted overrides (`--set
-key.sub=value`), and every step is checked against the defaults' types: an unknown key or a
-wrong type is refused with the valid keys listed. `dump_yaml` and `load_config` round-trip.
+key.sub=value`), and every step is checked against each field's declaration (its type, a
+Literal's choices, a `ranged` field's range; values.py's rules for numbers): an unknown key,
+a wrong type or a value out of range is refused, naming the key. `dump_yaml` and
+`load_config` round-trip.
 """
 
 from __future__ import annotations
@@ -14,22 +16,39 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from cifar_ray.errors import UserError, finite_number, quote, shown
+from cifar_ray import values
+from cifar_ray.errors import UserError, quote, shown
 from cifar_ray.fsutil import atomic_write, refuse_special
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+# Upper bounds that only refuse the absurd: a run of 10**12 epochs never ends. Seeds stay in
+# [0, 2**32), which every numpy and torch generator takes (numpy refuses negative ones).
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1
+
+
+def ranged(default, low, high=None, *, below=None):
+    """A numeric setting's default and its range, checked with its type: `low <= value`,
+    and `value <= high` or `value < below` where given."""
+    top = (high, True) if below is None else (below, False)
+    return field(default=default, metadata={"range": (low, *top)})
+
+
+# Each setting is one line: its type (a Literal lists a string's choices), its default
+# (with `ranged`, its range too) and a comment with its unit.
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "synthetic"  # any SOURCE of `cifar-ray data prepare` (name, path, archive)
-    val_fraction: float = 0.1  # share of each train class held out for validation, [0, 1)
-    limit: int = 0  # train on a stratified subset of this many images (0 = all)
-    split_seed: int = 0  # seed of the train/val split and the --limit subset
+    val_fraction: float = ranged(0.1, 0.0, below=1.0)  # share of each train class held out to validate
+    limit: int = ranged(0, 0)  # train on a stratified subset of this many images (0 = all)
+    split_seed: int = ranged(0, 0, MAX_SEED)  # seed of the train/val split and the --limit subset
 
 
 @dataclass(frozen=True)
@@ -43,46 +62,47 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AugConfig:
-    crop_pad: int = 4  # random crop after padding by this many pixels (0 = off)
-    pad_mode: str = "reflect"  # reflect | zeros: how the crop padding is filled
-    hflip: str = "random"  # random | alternate (flip every other epoch per image) | none
+    crop_pad: int = ranged(4, 0, 16)  # random crop after padding by this many pixels (0 = off)
+    pad_mode: Literal["reflect", "zeros"] = "reflect"  # how the crop padding is filled
+    hflip: Literal["random", "alternate", "none"] = "random"  # alternate: every other epoch per image
     vflip: bool = False  # random vertical flip
-    rotate: float = 0.0  # random rotation, uniform in [-rotate, +rotate] degrees (0 = off)
-    rotate_fill: str = "black"  # black | reflect | crop (zoom in so no corner is empty)
-    cutout: int = 0  # side of a random square set to zero, pixels (0 = off)
+    rotate: float = ranged(0.0, 0.0, 180.0)  # random rotation in [-rotate, +rotate] degrees (0 = off)
+    rotate_fill: Literal["black", "reflect", "crop"] = "black"  # crop: zoom in, no corner empty
+    cutout: int = ranged(0, 0, 32)  # side of a random square set to zero, pixels (0 = off)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.05  # peak learning rate at the global batch size below
-    momentum: float = 0.9  # SGD momentum / AdamW beta1
+    name: Literal["sgd", "adamw"] = "sgd"  # the optimiser
+    lr: float = ranged(0.05, 0.0)  # peak learning rate at the global batch size below
+    momentum: float = ranged(0.9, 0.0, below=1.0)  # SGD momentum / AdamW beta1
     nesterov: bool = True  # Nesterov momentum (sgd only)
-    weight_decay: float = 5e-4  # L2 weight decay (decoupled for adamw)
-    schedule: str = "onecycle"  # onecycle | cosine | step | constant
-    warmup_epochs: float = 1.0  # linear warmup before the schedule (onecycle: its rise), epochs
-    step_every: int = 10  # step schedule: multiply the lr by step_gamma every this many epochs
-    step_gamma: float = 0.1  # step schedule factor
-    label_smoothing: float = 0.0  # cross-entropy label smoothing, [0, 1)
-    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
-    ema_decay: float = 0.0  # exponential moving average of weights per step (0 = off)
+    weight_decay: float = ranged(5e-4, 0.0)  # L2 weight decay (decoupled for adamw)
+    schedule: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"  # of the lr, per step
+    warmup_epochs: float = ranged(1.0, 0.0, MAX_EPOCHS)  # linear warmup (onecycle: its rise), epochs
+    step_every: int = ranged(10, 1)  # step schedule: lr times step_gamma every this many epochs
+    step_gamma: float = ranged(0.1, 0.0, 1.0)  # step schedule factor
+    label_smoothing: float = ranged(0.0, 0.0, below=1.0)  # cross-entropy label smoothing
+    grad_clip: float = ranged(0.0, 0.0)  # clip the global gradient norm to this (0 = off)
+    ema_decay: float = ranged(0.0, 0.0, below=1.0)  # moving average of the weights per step (0 = off)
     # Decoupled units (airbench's; sgd only): lr is the step per 1024 images with momentum's
     # gain 1 + 1/(1 - momentum) divided out, weight_decay the shrink per 1024 images whatever
     # the lr; every parameter decays. Then batch size, momentum, lr and weight_decay can be
     # tuned one at a time. Off: lr and weight_decay are PyTorch's own.
     decoupled: bool = False  # use the decoupled units above (sgd only)
-    norm_lr_scale: float = 1.0  # lr multiplier for BatchNorm parameters (not their decay)
-    lookahead_every: int = 0  # every this many steps pull the weights to a slow copy (0 = off)
-    lookahead_decay: float = 0.774  # the slow copy's decay at the end; grows as progress**3
+    norm_lr_scale: float = ranged(1.0, 0.0)  # lr multiplier for BatchNorm parameters (not decay)
+    lookahead_every: int = ranged(0, 0)  # pull the weights to a slow copy every this many steps (0 = off)
+    lookahead_decay: float = ranged(0.774, 0.0, 1.0)  # the slow copy's decay at the end; grows as progress**3
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10  # passes over the training split
-    batch_size: int = 256  # GLOBAL batch, images per step summed over all workers
-    eval_batch_size: int = 1024  # images per evaluation batch, per worker
-    seed: int = 0  # seed of init, per-epoch permutation and augmentation
-    precision: str = "auto"  # auto (bf16 where supported, else fp16 on GPU, else fp32) | bf16 | fp16 | fp32
+    epochs: int = ranged(10, 1, MAX_EPOCHS)  # passes over the training split
+    batch_size: int = ranged(256, 1)  # GLOBAL batch, images per step summed over all workers
+    eval_batch_size: int = ranged(1024, 1)  # images per evaluation batch, per worker
+    seed: int = ranged(0, 0, MAX_SEED)  # seed of init, per-epoch permutation and augmentation
+    # auto: bf16 where supported, else fp16 on GPU, else fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype
     channels_last: bool = True  # NHWC memory format (faster convs on CPU and GPU)
     compile: bool = False  # torch.compile the model
     tta: bool = False  # evaluate with test-time augmentation (flip + 1-pixel shifts)
@@ -91,11 +111,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScaleConfig:
-    workers: int = 1  # DDP workers (Ray Train), at least 1
+    workers: int = ranged(1, 1)  # DDP workers (Ray Train)
     gpu: bool = False  # one GPU per worker
-    cpus_per_worker: int = 0  # CPUs reserved per worker (0 = all CPUs / workers, at least 1)
-    max_failures: int = 2  # restarts from the last checkpoint after a worker dies
-    placement: str = "PACK"  # the workers' placement group: STRICT_PACK = all on one node
+    cpus_per_worker: int = ranged(0, 0)  # CPUs reserved per worker (0 = all CPUs / workers, >= 1)
+    max_failures: int = ranged(2, 0)  # restarts from the last checkpoint after a worker dies
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"  # STRICT_PACK: all on one node
 
 
 @dataclass(frozen=True)
@@ -108,63 +128,18 @@ class Config:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
 
 
-# Allowed values of the string fields that are enumerations.
-CHOICES = {
-    "aug.pad_mode": ("reflect", "zeros"),
-    "aug.hflip": ("random", "alternate", "none"),
-    "aug.rotate_fill": ("black", "reflect", "crop"),
-    "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("onecycle", "cosine", "step", "constant"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
-    "scale.placement": ("PACK", "STRICT_PACK", "SPREAD"),
-}
-
-# Upper bounds that only refuse the absurd: a run of 10**12 epochs never ends. Seeds stay in
-# [0, 2**32), which every numpy and torch generator takes (numpy refuses negative ones).
-MAX_EPOCHS = 100_000
-MAX_SEED = 2**32 - 1
-
-# Numeric ranges: key -> (low, high, high inclusive?). Both ends are checked.
-RANGES = {
-    "data.val_fraction": (0.0, 1.0, False),
-    "data.limit": (0, None, True),
-    "data.split_seed": (0, MAX_SEED, True),
-    "aug.crop_pad": (0, 16, True),
-    "aug.rotate": (0.0, 180.0, True),
-    "aug.cutout": (0, 32, True),
-    "optim.lr": (0.0, None, True),
-    "optim.momentum": (0.0, 1.0, False),
-    "optim.weight_decay": (0.0, None, True),
-    "optim.warmup_epochs": (0.0, MAX_EPOCHS, True),
-    "optim.step_every": (1, None, True),
-    "optim.step_gamma": (0.0, 1.0, True),
-    "optim.label_smoothing": (0.0, 1.0, False),
-    "optim.grad_clip": (0.0, None, True),
-    "optim.ema_decay": (0.0, 1.0, False),
-    "optim.norm_lr_scale": (0.0, None, True),
-    "optim.lookahead_every": (0, None, True),
-    "optim.lookahead_decay": (0.0, 1.0, True),
-    "train.epochs": (1, MAX_EPOCHS, True),
-    "train.batch_size": (1, None, True),
-    "train.eval_batch_size": (1, None, True),
-    "train.seed": (0, MAX_SEED, True),
-    "scale.workers": (1, None, True),
-    "scale.cpus_per_worker": (0, None, True),
-    "scale.max_failures": (0, None, True),
-}
-
-
 # ---------------------------------------------------------------- keys and types
 
-def _field_types(cls) -> dict[str, Any]:
+def _fields(cls) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Field name -> (its type, the field)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
 
 
 def valid_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the config, e.g. `optim.lr`."""
     keys = []
-    for name, tp in _field_types(cls).items():
+    for name, (tp, _) in _fields(cls).items():
         if dataclasses.is_dataclass(tp):
             keys += valid_keys(tp, f"{prefix}{name}.")
         else:
@@ -185,33 +160,19 @@ def _unknown_key(key: str, where: str) -> UserError:
     )
 
 
-def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
-    """Return `value` converted to `tp`, or raise a UserError naming `key`."""
+def _check_value(key: str, tp: Any, f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Return `value` checked against field `f` of type `tp`, or raise a UserError naming `key`."""
     def bad(what: str) -> UserError:
         return UserError(f"{where}: {key} must be {what}, got {shown(value)}")
 
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-    elif tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                if _rounds_away(value, float(value)):
-                    raise bad("a number a float can hold (it rounds to 0 or to infinity)")
-                value = float(value)
-            except ValueError:
-                pass
-        value = finite_number(value, bad)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        if not value.strip():
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if not isinstance(value, str) or value not in choices:
+            raise bad("one of " + " | ".join(choices))
+    elif tp in values.TYPES:
+        value = values.typed(tp, value, bad)
+        if tp is str and not value.strip():
             raise bad("a non-empty string")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise bad("one of " + " | ".join(CHOICES[key]))
     elif tp is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad("a mapping of names to values")
@@ -220,8 +181,8 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise bad("a list")
         return list(value)
-    if key in RANGES:
-        lo, hi, hi_inclusive = RANGES[key]
+    if "range" in f.metadata:
+        lo, hi, hi_inclusive = f.metadata["range"]
         if value < lo or (hi is not None and (value > hi if hi_inclusive else value >= hi)):
             upper = "" if hi is None else (f" and <= {hi}" if hi_inclusive else f" and < {hi}")
             raise bad(f">= {lo}{upper}")
@@ -232,17 +193,17 @@ def _build(cls, data: Any, where: str, prefix: str = ""):
     if not isinstance(data, dict):
         name = prefix.rstrip(".") or "the config"
         raise UserError(f"{where}: {name} must be a mapping of keys to values, got {shown(data)}")
-    types = _field_types(cls)
+    fields = _fields(cls)
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in types:
+        if key not in fields:
             raise _unknown_key(dotted, where)
-        tp = types[key]
+        tp, f = fields[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, where, dotted + ".")
         else:
-            kwargs[key] = _check_value(dotted, tp, value, where)
+            kwargs[key] = _check_value(dotted, tp, f, value, where)
     return cls(**kwargs)
 
 
@@ -302,15 +263,6 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, yaml_value(raw, set_flag(item))
 
 
-def _rounds_away(text: str, number: float) -> bool:
-    """True when the number written as `text` is not the float it became: a nonzero one
-    that rounds to 0 (1e-400) or a finite one that overflows to infinity (1e400)."""
-    mantissa = text.strip().lower().split("e")[0]
-    if number == 0:
-        return any(c in "123456789" for c in mantissa)
-    return number in (float("inf"), float("-inf")) and "inf" not in text.lower()
-
-
 class _Meaning(yaml.YAMLError):
     """YAML that parses but would not mean what was written (see _Loader)."""
 
@@ -341,7 +293,7 @@ class _Loader(yaml.SafeLoader):
 
     def construct_yaml_float(self, node):
         number = super().construct_yaml_float(node)
-        if _rounds_away(node.value.replace("_", ""), number):
+        if values.rounds_away(node.value.replace("_", ""), number):
             raise _Meaning(f"the number {node.value} rounds to {number} as a float",
                            node.start_mark)
         return number

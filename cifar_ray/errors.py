@@ -5,7 +5,6 @@ and says what to do; the CLI prints it as one line and exits with status 2. Anyt
 that escapes is a bug and keeps its traceback.
 """
 
-import math
 import re
 
 
@@ -35,20 +34,6 @@ def quote(error, limit: int = 240) -> str:
     head = line[:limit]
     end = max(head.rfind(". "), head.rfind("; "))
     return head[:end + 1] if end > 0 else head.rsplit(" ", 1)[0] + " ..."
-
-
-def finite_number(value, bad) -> float:
-    """`value` as a finite float, else `bad(expected)` raised: for a bool, a non-number, an
-    integer beyond any float, inf or nan."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad("a number")
-    try:
-        value = float(value)
-    except OverflowError:  # an integer beyond any float
-        raise bad("a finite number") from None
-    if not math.isfinite(value):
-        raise bad("a finite number")
-    return value
 
 
 def _short_repr():

@@ -112,7 +112,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """An image file as uint8 (32,32,3) RGB; other sizes are resized (antialiased)."""
     from PIL import Image
 
-    from cifar_ray.data.sources import open_image
+    from cifar_ray.data.decode import open_image
 
     if Path(path).is_dir():
         raise UserError(f"{path}: is a directory; give image files (PNG or JPEG)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cifar_ray import rundir
 from cifar_ray.fsutil import atomic_write
+from cifar_ray.values import is_number
 
 
 def _pyplot():
@@ -225,7 +226,7 @@ def plot_factor(sw, key: str, path: Path) -> None:
             continue
         value = t.seed if key == "train.seed" else t.params.get(key)
         (stuck if t.did_not_learn else points).append((value, t.best_val_acc, t.status == "stopped"))
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _, _ in points)
+    numeric = all(is_number(v) for v, _, _ in points)
     values = sorted({v for v, _, _ in points + stuck}, key=float) if numeric else \
         list(dict.fromkeys(v for v, _, _ in points + stuck))
     pos = {v: i for i, v in enumerate(values)}

@@ -20,6 +20,7 @@ from pathlib import Path
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write
 from cifar_ray.storage import Kind
+from cifar_ray.values import is_int, is_number
 
 CHECKPOINTS = "checkpoints"
 # What a run folder may hold (train, evaluate and report write it): --overwrite replaces
@@ -106,9 +107,8 @@ def read_summary(run: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         summary = None
     numbers_ok = isinstance(summary, dict) and all(
-        isinstance(summary.get(k), (int, float, type(None))) and not isinstance(summary.get(k), bool)
-        for k in SUMMARY_NUMBERS)
-    if not numbers_ok or not isinstance(summary.get("best_epoch"), (int, type(None))):
+        summary.get(k) is None or is_number(summary[k]) for k in SUMMARY_NUMBERS)
+    if not numbers_ok or not (summary.get("best_epoch") is None or is_int(summary["best_epoch"])):
         raise UserError(f"{path}: unreadable summary; delete it and rerun "
                         f"`cifar-ray train --resume {run}` to rewrite it")
     return summary

@@ -32,6 +32,7 @@ from typing import Any
 
 from cifar_ray import config as C
 from cifar_ray.errors import UserError, shown
+from cifar_ray.values import finite_number, is_finite, is_int, typed
 
 SPACE_DIR = Path(__file__).parent / "spaces"
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -189,40 +190,27 @@ def parse(data: Any, source: str, name: str = "space", folder: Path | None = Non
                  base=base, grid=grid, dists=dists, variants=tuple(variants), sweep=dict(sweep))
 
 
-def _number(x: Any) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    return isinstance(x, int) or math.isfinite(x)  # isfinite(10**400) would overflow
-
-
 def _distribution(kind: str, spec: Any, where: str) -> list:
     if kind == "choice":
         if not isinstance(spec, list) or not spec:
             raise UserError(f"{where}: must be a non-empty list of values, got {shown(spec)}")
         return spec
-    if isinstance(spec, list):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        spec = [_float(x) for x in spec]
-    if not (isinstance(spec, list) and len(spec) == 2 and all(map(_number, spec))):
-        raise UserError(f"{where}: must be [low, high] (two numbers), got {shown(spec)}")
-    low, high = spec
+
+    def bad(_=None) -> UserError:
+        return UserError(f"{where}: must be [low, high] (two numbers), got {shown(spec)}")
+
+    if not (isinstance(spec, list) and len(spec) == 2):
+        raise bad()
+    low, high = (x if is_int(x) else finite_number(x, bad) for x in spec)  # ints as they are
     if not low < high:
         raise UserError(f"{where}: low must be < high, got [{low}, {high}]")
     if kind == "loguniform" and low <= 0:
         raise UserError(f"{where}: loguniform needs low > 0, got {low}")
-    if kind == "randint" and not all(isinstance(x, int) for x in spec):
+    if kind == "randint" and not (is_int(low) and is_int(high)):
         raise UserError(f"{where}: randint needs integers [low, high) , got {shown(spec)}")
     if kind == "randint" and not -2**63 <= low < high <= 2**63 - 1:
         raise UserError(f"{where}: randint bounds must fit in 64 bits, got [{low}, {high}]")
     return [low, high]
-
-
-def _float(x: Any) -> Any:
-    if isinstance(x, str):
-        try:
-            return float(x)
-        except ValueError:
-            pass
-    return x
 
 
 def _variants(items: Any, source: str, folder: Path | None) -> list[Variant]:
@@ -250,7 +238,7 @@ def _variants(items: Any, source: str, folder: Path | None) -> list[Variant]:
         if not isinstance(item.get("note") or "", str):
             raise UserError(f"{where}.note: must be text, got {shown(item['note'])}")
         ref = item.get("reference")
-        if ref is not None and not (_number(ref) and 0 <= ref <= 1):
+        if ref is not None and not (is_finite(ref) and 0 <= ref <= 1):
             raise UserError(f"{where}.reference: an accuracy in [0, 1], got {shown(ref)}")
         out.append(Variant(item["name"], sets, str(item.get("note") or ""), ref))
     return out
@@ -294,11 +282,11 @@ def resolve_settings(space: Space, flags: dict) -> Settings:
     for f in fields(Settings):
         if f.name in values:
             v = values[f.name]
-            tp = type(getattr(out, f.name))
-            ok = _number(v) and (tp is float or isinstance(v, int))
-            if not ok:
-                raise UserError(f"--{f.name.replace('_', '-')}: must be a{'n integer' if tp is int else ' number'}, got {shown(v)}")
-            out = replace(out, **{f.name: tp(v)})
+
+            def bad(what: str) -> UserError:
+                return UserError(f"--{f.name.replace('_', '-')}: must be {what}, got {shown(v)}")
+
+            out = replace(out, **{f.name: typed(type(getattr(out, f.name)), v, bad)})
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from cifar_ray.errors import UserError, quote
 from cifar_ray.fsutil import atomic_write
 from cifar_ray.rundir import EPOCH_FILE, METRIC_COLUMNS, STATE_FILE
 from cifar_ray.storage import Kind
+from cifar_ray.values import is_finite, is_int, is_number
 
 SPACE_FILE = "space.yaml"
 STATUS_FILE = "status.json"
@@ -67,12 +67,12 @@ class Trial:
 
     @property
     def best_val_acc(self) -> float | None:
-        vals = [h["val_acc"] for h in self.history if _finite(h.get("val_acc"))]
+        vals = [h["val_acc"] for h in self.history if is_finite(h.get("val_acc"))]
         return max(vals) if vals else None
 
     @property
     def best_epoch(self) -> int | None:
-        scored = [(h["val_acc"], h["epoch"]) for h in self.history if _finite(h.get("val_acc"))]
+        scored = [(h["val_acc"], h["epoch"]) for h in self.history if is_finite(h.get("val_acc"))]
         return max(scored)[1] if scored else None
 
     @property
@@ -84,16 +84,8 @@ class Trial:
         return self.config.train.seed
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _finite(x) -> bool:
-    return _number(x) and math.isfinite(x)
-
-
 def _epoch(x) -> bool:
-    return _number(x) and isinstance(x, int) and x >= 1
+    return is_int(x) and x >= 1
 
 
 @dataclass
@@ -237,7 +229,7 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
         params = _read_params(dirs[-1] / "params.json")
         rows = [r for d in dirs for r in _read_rows(d / "result.json")]  # later runs win
         by_epoch = {r["epoch"]: r for r in rows if "epoch" in r and "error" not in r}
-        history = [{k: by_epoch[e][k] for k in METRIC_COLUMNS if _number(by_epoch[e].get(k))}
+        history = [{k: by_epoch[e][k] for k in METRIC_COLUMNS if is_number(by_epoch[e].get(k))}
                    for e in sorted(by_epoch)]
         errors = [str(r["error"]) for r in rows if "error" in r]
         known = status.get(trial_id, {})

@@ -51,7 +51,7 @@ from cifar_ray import config as C
 from cifar_ray import checkpoint, engine
 from cifar_ray import space as S
 from cifar_ray.cli import main
-from cifar_ray.data import load, prepare, sources
+from cifar_ray.data import archive, load, prepare, sources
 from cifar_ray.errors import UserError
 from cifar_ray.models import create_model
 from helpers import (TINY_SPEC, encode, evil_pickle, fake_batches, official_tarball,
@@ -237,12 +237,12 @@ def huge_declared_tar(fx) -> Path:
 
 
 def gzip_bomb(fx, monkeypatch) -> Path:
-    monkeypatch.setattr(sources, "MIN_EXPANSION_LIMIT", 64 * 1024)  # so 10 MB counts as a bomb
+    monkeypatch.setattr(archive, "MIN_EXPANSION_LIMIT", 64 * 1024)  # so 10 MB counts as a bomb
     return _write(fx.tmp / "bomb.tar.gz", gzip.compress(bytes(10 * 1024**2)))
 
 
 def zip_bomb(fx, monkeypatch) -> Path:
-    monkeypatch.setattr(sources, "MIN_EXPANSION_LIMIT", 64 * 1024)
+    monkeypatch.setattr(archive, "MIN_EXPANSION_LIMIT", 64 * 1024)
     path = fx.tmp / "bomb.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("cat/0.png", bytes(10 * 1024**2))
@@ -601,7 +601,7 @@ CASES = [
     case("show-param-unknown", lambda fx: ["models", "show", "cnn", "--set", "dept=2"],
          "model cnn: unknown parameter 'dept'", "valid parameters: depth=3"),
     case("show-param-wrong-type", lambda fx: ["models", "show", "cnn", "--set", "depth=abc"],
-         "model cnn: parameter depth must be of type int", "got 'abc'"),
+         "model cnn: parameter depth must be an integer", "got 'abc'"),
     case("show-param-width-10**9", lambda fx: ["models", "show", "cnn", "--set", f"width={10**9}"],
          "model cnn: layer 0 (conv", "parameters, more than"),
     case("show-param-depth-10**8", lambda fx: ["models", "show", "cnn", "--set", f"depth={10**8}"],
@@ -1118,7 +1118,7 @@ def test_every_image_mode_becomes_the_same_8_bit_rgb(mode, tmp_path):
     grayscale image at 255: nearly white)."""
     import io as io_
 
-    from cifar_ray.data.sources import open_image
+    from cifar_ray.data.decode import open_image
     from cifar_ray.inference import read_image
 
     image, expected = _modes()[mode]

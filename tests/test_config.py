@@ -83,6 +83,66 @@ def test_dump_is_plain_yaml():
     assert C.from_dict(data) == C.Config()
 
 
+@pytest.mark.parametrize("key, choices", [
+    ("aug.hflip", "random | alternate | none"), ("optim.schedule", "onecycle | cosine | step | constant"),
+    ("train.precision", "auto | bf16 | fp16 | fp32"), ("scale.placement", "PACK | STRICT_PACK | SPREAD"),
+])
+def test_choices_are_read_from_the_field_declaration(key, choices):
+    for value in ("nope", 3, ""):
+        with pytest.raises(UserError, match=f"{key} must be one of {choices}, got "):
+            C.from_dict(C.set_dotted({}, key, value))
+
+
+def test_every_range_is_declared_with_its_field_and_checked():
+    """Each ranged setting refuses the value just outside its declaration, names it, and
+    takes its own bound where that is inclusive."""
+    ranged = {}
+    for section in dataclasses.fields(C.Config):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                    else getattr(C, section.type)):
+            if "range" in f.metadata:
+                ranged[f"{section.name}.{f.name}"] = (type(f.default), *f.metadata["range"])
+    assert {"train.epochs", "data.val_fraction", "optim.momentum", "aug.cutout"} <= set(ranged)
+    for key, (tp, low, high, inclusive) in ranged.items():
+        step = 1 if tp is int else 1e-9
+        with pytest.raises(UserError, match=f"{key} must be >= {low}"):
+            C.from_dict(C.set_dotted({}, key, low - step))
+        assert C.from_dict(C.set_dotted({}, key, low)) is not None
+        if high is not None:
+            with pytest.raises(UserError, match=f"{key} must be >= {low} and {'<=' if inclusive else '<'} {high}"):
+                C.from_dict(C.set_dotted({}, key, high + step if inclusive else high))
+
+
+def test_one_rule_for_numbers_in_every_reader():
+    """PyYAML (YAML 1.1) reads 1e-3 as text: the config, a model's parameters, a layer spec
+    and a space all take such text as the number; other text is no number anywhere; a bool
+    is never one; inf and nan are refused."""
+    from cifar_ray import space as S
+    from cifar_ray.models import get_spec
+    from cifar_ray.models.spec import normalize
+
+    assert C.from_dict({"optim": {"lr": "1e-3"}}).optim.lr == 1e-3
+    assert C.from_dict({"optim": {"lr": "2.5E+1"}}).optim.lr == 25.0
+    assert get_spec("cnn", width="5e-1") == get_spec("cnn", width=0.5)
+    assert normalize([{"mul": "1e-3"}])[0]["factor"] == 1e-3
+    assert normalize([{"dropout": "1e-1"}])[0]["rate"] == 0.1
+    assert S._distribution("loguniform", ["1e-5", "1e-3"], "w") == [1e-5, 1e-3]
+    for text in ("0.5", "abc", "1e", True):
+        with pytest.raises(UserError, match=f"optim.lr must be a number, got {text!r}"):
+            C.from_dict({"optim": {"lr": text}})
+        with pytest.raises(UserError, match="factor must be a number"):
+            normalize([{"mul": text}])
+        with pytest.raises(UserError, match="parameter width must be a number"):
+            get_spec("cnn", width=text)
+        with pytest.raises(UserError, match=r"must be \[low, high\] \(two numbers\)"):
+            S._distribution("uniform", [text, 1.0], "w")
+    for bad in (float("inf"), float("nan"), 10**400, "1e999", "1e-400"):
+        with pytest.raises(UserError, match="optim.lr must be a (finite )?number"):
+            C.from_dict({"optim": {"lr": bad}})
+        with pytest.raises(UserError, match="factor must be a (finite )?number"):
+            normalize([{"mul": bad}])
+
+
 def test_a_new_model_starts_without_the_old_models_args():
     """One rule for --model/--set model.name and a sweep's model.name: the old model's args
     and layers are not the new one's (`--config speed-cpu --model cnn` builds a cnn); args

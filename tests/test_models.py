@@ -1,6 +1,7 @@
 """The registry and the named models: every model trains a step, counts match Keras's."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -175,11 +176,20 @@ def test_unknown_override_lists_the_valid_parameters():
         create_model("seed-vgg", depth=3)
 
 
-@pytest.mark.parametrize("key, value", [("depth", "abc"), ("depth", 2.5), ("batchnorm", 1),
-                                        ("width", True), ("activation", 3)])
-def test_override_of_the_wrong_type(key, value):
-    with pytest.raises(UserError, match=f"parameter {key} must be of type"):
+@pytest.mark.parametrize("key, value, what", [
+    ("depth", "abc", "an integer"), ("depth", 2.5, "an integer"), ("batchnorm", 1, "true or false"),
+    ("width", True, "a number"), ("activation", 3, "a string"), ("width", "1e-400", "a number a float can hold"),
+])
+def test_override_of_the_wrong_type(key, value, what):
+    default = {"depth": 3, "batchnorm": True, "width": 1.0, "activation": "relu"}[key]
+    with pytest.raises(UserError, match=re.escape(f"model cnn: parameter {key} must be {what}")) as e:
         create_model("cnn", **{key: value})
+    assert f"(default {default!r}), got {value!r}" in str(e.value)
+
+
+def test_yaml_1_1_exponent_text_is_a_number():
+    """PyYAML reads 1e-3 (no dot) as text: a float parameter takes it as the number."""
+    assert get_spec("cnn", width="5e-1") == get_spec("cnn", width=0.5)
 
 
 def test_int_is_accepted_for_a_float_parameter():

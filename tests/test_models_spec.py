@@ -9,6 +9,7 @@ from torch import nn
 from cifar_ray.errors import UserError
 from cifar_ray.models import (build_model, create_model, dump_spec, get_spec, list_models,
                               load_spec, normalize, summarize)
+from cifar_ray.models import spec as spec_module
 from cifar_ray.models.spec import build
 
 SPECS_DIR = __import__("pathlib").Path(__file__).parents[1] / "cifar_ray" / "models" / "specs"
@@ -146,6 +147,20 @@ def test_tracked_shapes_match_the_module(body, end):
         x = module(x)
         assert list(x.shape[1:]) == row["out_shape"], row
     assert x.shape == (2, 3)
+
+
+def test_every_layer_type_has_one_builder():
+    assert set(spec_module.BUILDERS) | {"residual"} == set(spec_module.LAYERS)
+
+
+def test_a_new_layer_type_is_an_entry_in_each_table(monkeypatch):
+    monkeypatch.setitem(spec_module.LAYERS, "scale", {"by": ("number", 2.0)})
+    monkeypatch.setitem(spec_module.BUILDERS, "scale",
+                        lambda layer, shape, label: ([spec_module.Mul(layer["by"])], shape, 0))
+    model, rows = build(["gap", {"type": "scale", "by": 3}, "scale"], num_classes=2)
+    assert [r["type"] for r in rows] == ["gap", "scale", "scale", "classifier"]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model[2](model[1](model[0](x))), 6 * x.mean((2, 3)))
 
 
 # ---------------------------------------------------------------- files

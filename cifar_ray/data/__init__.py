@@ -8,10 +8,9 @@
 Importing this is cheap (numpy, pyarrow); torch/torchvision load only when a source needs them.
 """
 
-from cifar_ray.data.sources import SOURCE_HELP
+from cifar_ray.data.sources import SOURCE_HELP, cache_home
 from cifar_ray.data.store import (
     Dataset,
-    cache_home,
     channel_stats,
     load,
     prepare,

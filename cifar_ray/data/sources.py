@@ -10,35 +10,27 @@ Kinds of source:
   file's, as torchvision's CIFAR10 class lists them).
 - an ImageFolder: a directory, .tar, .tar.gz/.tgz or .zip of `<class>/<image>` (one split,
   train) or `train|test/<class>/<image>`, JPEG or PNG. Archives are read in memory, never
-  extracted, and members with absolute paths, `..`, links or devices are refused.
+  extracted (archive.py); the images decode in decode.py.
 - `synthetic[:N]`: see synthetic.py.
 - a prepared dataset directory (holding meta.json): store.py handles it.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import multiprocessing
 import os
 import pickle
-import re
-import stat
-import tarfile
 import tempfile
-import warnings
-import zipfile
-import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 
 from cifar_ray.data import synthetic
-from cifar_ray.errors import UserError, quote
+from cifar_ray.data.archive import first_member, tar_entries, zip_entries
+from cifar_ray.data.decode import decode_images
+from cifar_ray.errors import UserError
 from cifar_ray.fsutil import refuse_special
 
 SPLITS = ("train", "test")
@@ -49,16 +41,7 @@ SOURCE_HELP = (
     "cifar-10-python.tar.gz or cifar-10-batches-py/, an ImageFolder directory, .tar, "
     ".tar.gz, .tgz or .zip, or a prepared dataset directory"
 )
-CHUNK = 2048  # images per decode task
-# Pixels an image may have: every image becomes 32x32 anyway, and this holds an 8K frame
-# (7680x4320). Beyond it, a small file would decode into gigabytes (PIL's generic limit,
-# 89M with only a warning up to 179M, is far above what this tool needs).
-MAX_PIXELS = 2**25
 MAX_SYNTHETIC = 1_000_000  # synthetic:N images (3 GB of uint8 pixels)
-# An archive is held in memory whole, decompressed. Images barely compress, so far more
-# bytes out than in is a decompression bomb: refuse beyond this ratio (small ones pass).
-MAX_EXPANSION = 100  # decompressed bytes per archive byte
-MIN_EXPANSION_LIMIT = 256 * 1024**2  # bytes any archive may decompress to
 CIFAR_FOLDER = "cifar-10-batches-py"
 
 
@@ -105,25 +88,15 @@ def resolve(spec: str, resize: bool = False) -> Source:
         raise UserError(f"{path}: not a supported file type; {SOURCE_HELP}")
     raw = _read_bytes(path)
     if name.endswith(".zip"):
-        return _image_archive(path, raw, resize, _zip_entries)
+        return _image_archive(path, raw, resize, zip_entries)
     md5 = hashlib.md5(raw, usedforsecurity=False).hexdigest()
     if md5 == CIFAR10_TGZ_MD5:
         return _official_tarball(path, raw)
-    if name == CIFAR10_TGZ or _first_member(raw).startswith(CIFAR_FOLDER):
+    if name == CIFAR10_TGZ or first_member(raw).startswith(CIFAR_FOLDER):
         raise UserError(f"{path}: MD5 {md5} differs from the official CIFAR-10 tarball's ({CIFAR10_TGZ_MD5}), "
                         f"so the file is corrupt or modified and is not unpickled; download it again "
                         f"(cifar-ray data prepare cifar10)")
-    return _image_archive(path, raw, resize, _tar_entries)
-
-
-def _first_member(raw: bytes) -> str:
-    """The name of a tar's first member ("" if unreadable): decompresses only its start."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tf:
-            first = tf.next()
-    except (tarfile.TarError, EOFError, OSError, zlib.error):
-        return ""
-    return first.name.removeprefix("./") if first else ""
+    return _image_archive(path, raw, resize, tar_entries)
 
 
 # ---------------------------------------------------------------- official CIFAR-10
@@ -164,11 +137,14 @@ def _official_download() -> Source:
     return _official_source(None, f"official CIFAR-10 ({CIFAR10_URL})", read)
 
 
+def cache_home() -> Path:
+    """Where downloads and prepared datasets are kept: $CIFAR_RAY_HOME, or ~/.cache/cifar-ray."""
+    return Path(os.environ.get("CIFAR_RAY_HOME") or "~/.cache/cifar-ray").expanduser()
+
+
 def download_cifar10() -> Path:
     """The official tarball in `<cache>/downloads/`, downloaded once, MD5 checked."""
     from torchvision.datasets.utils import check_integrity, download_url
-
-    from cifar_ray.data.store import cache_home
 
     folder = cache_home() / "downloads"
     path = folder / CIFAR10_TGZ
@@ -197,7 +173,7 @@ def _official_tarball(path: Path, raw: bytes) -> Source:
 def _read_official_tarball(path: Path, raw: bytes) -> Decoded:
     # The caller checked the tarball's MD5, so its pickles are the official ones.
     files = {}
-    for name, blob in _tar_entries(path, raw):
+    for name, blob in tar_entries(path, raw):
         if blob is not None:
             files[name.rsplit("/", 1)[-1]] = blob
     return _unpickle_batches(str(path), files)
@@ -278,160 +254,9 @@ def _image_dir(root: Path, resize: bool) -> Source:
 
 
 def _image_archive(path: Path, raw: bytes, resize: bool, entries_of) -> Source:
-    kind = "zip" if entries_of is _zip_entries else "tar"
+    kind = "zip" if entries_of is zip_entries else "tar"
     return Source(str(path), "images", f"ImageFolder {kind} archive {path}", "sha256:" + _sha256(raw),
                   path, lambda: _read_image_folder(str(path), entries_of(path, raw), resize, f"{path}:"))
-
-
-def _check_member(path: Path, name: str) -> None:
-    if name.startswith(("/", "\\")) or name[1:2] == ":" or (".." in name and ".." in re.split(r"[\\/]", name)):
-        raise UserError(f"{path}: member {name!r} has an absolute path or '..'; "
-                        f"refusing the archive: repack it with relative paths")
-
-
-def _refuse_member(path: Path, name: str, what: str) -> None:
-    raise UserError(f"{path}: member {name!r} is a {what}; refusing the archive: "
-                    f"repack it with regular files and folders only")
-
-
-def _tar_entries(path: Path, raw: bytes) -> Iterator[tuple[str, bytes | None]]:
-    """(name, bytes) per file and (name/, None) per folder of a .tar or .tar.gz, in order.
-
-    We never extract to disk, so tarfile's extraction filter has nothing to guard; we refuse
-    what filter="data" would (absolute paths, '..', devices) and any link. Member bytes are
-    sliced from the decompressed archive: far cheaper than tarfile.extractfile per member.
-    """
-    try:
-        buf = _gunzip(path, raw) if raw[:2] == b"\x1f\x8b" else raw
-        members = _scan_plain_tar(buf)
-        for name, is_dir, offset, size in _tarfile_members(path, buf) if members is None else members:
-            _check_member(path, name)
-            yield (name.rstrip("/") + "/", None) if is_dir else (name, buf[offset:offset + size])
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{path}: truncated or corrupt archive ({e}); copy or download it again") from None
-
-
-def _expansion_limit(raw: bytes) -> int:
-    return max(MIN_EXPANSION_LIMIT, MAX_EXPANSION * len(raw))
-
-
-def _bomb(path: Path, limit: int) -> UserError:
-    return UserError(f"{path}: decompresses to more than {limit:,} bytes ({MAX_EXPANSION}x its "
-                     "size): a decompression bomb, or not an archive of images; refusing it")
-
-
-def _gunzip(path: Path, raw: bytes) -> bytes:
-    """gzip.decompress, stopped at the expansion limit (a gzip file may hold several members)."""
-    limit = _expansion_limit(raw)
-    out, data = [], raw
-    while data:
-        d = zlib.decompressobj(wbits=31)
-        out.append(d.decompress(data, limit + 1 - sum(map(len, out))))
-        if sum(map(len, out)) > limit:
-            raise _bomb(path, limit)
-        if not d.eof:
-            raise EOFError("compressed file ended before the end-of-stream marker was reached")
-        data = d.unused_data.lstrip(b"\x00")  # gzip allows zero padding between members
-    return b"".join(out)
-
-
-def _tarfile_members(path: Path, buf: bytes) -> Iterator[tuple[str, bool, int, int]]:
-    """(name, is folder, data offset, size) of each member, read by tarfile."""
-    with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tf:
-        end = 0
-        for m in tf:
-            _check_member(path, m.name)
-            if m.issym() or m.islnk():
-                _refuse_member(path, m.name, "link")
-            if not (m.isdir() or (m.isreg() and not m.issparse())):
-                _refuse_member(path, m.name, "device or special file")
-            if m.offset_data + m.size > len(buf):
-                raise tarfile.ReadError(f"{m.name} is cut short")
-            yield m.name, m.isdir(), m.offset_data, m.size
-            end = m.offset_data + _padded(m.size)
-    # tarfile takes a header cut short (or a bad one) for the end of the archive: a complete
-    # archive ends with two zero blocks, so their absence means the file was damaged.
-    if buf[end:end + 2 * BLOCK] != bytes(2 * BLOCK):
-        raise tarfile.ReadError("the end-of-archive marker is missing")
-
-
-BLOCK = tarfile.BLOCKSIZE  # 512: headers and data are laid out in blocks
-
-
-def _padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
-
-
-def _scan_plain_tar(buf: bytes) -> list[tuple[str, bool, int, int]] | None:
-    """The members of a tar holding only ustar/GNU headers of regular files and folders, like
-    _tarfile_members; None for anything else (pax headers, long names, links, devices, a bad
-    checksum, a missing end marker), which tarfile then reads and judges.
-
-    Why: tarfile parses every header field in Python, a large share of preparing CIFAR's
-    50,000 members. This reads only the name, type and size, and checks all the checksums at
-    once with numpy (the figures: BENCHMARKS.md, "Data preparation")."""
-    members, headers, checksums, off = [], [], [], 0
-    try:
-        while True:
-            header = buf[off:off + BLOCK]
-            if len(header) < BLOCK:
-                return None  # no end-of-archive marker: truncated
-            if not any(header):  # the end: two zero blocks
-                if any(buf[off:off + 2 * BLOCK]) or len(buf) < off + 2 * BLOCK:
-                    return None
-                break
-            kind, magic = header[156], header[257:263]
-            if magic not in (b"ustar\x00", b"ustar ") or kind not in b"05g\x00" or header[124] & 0x80:
-                return None
-            size = _octal(header[124:136])
-            headers.append(off)
-            checksums.append(_octal(header[148:156]))
-            if kind == ord("g"):  # a pax global header, as `git archive` writes: a comment is harmless
-                if set(re.findall(rb"\d+ ([^=]*)=", buf[off + BLOCK:off + BLOCK + size])) - {b"comment"}:
-                    return None
-            else:
-                name = header[:100].split(b"\x00", 1)[0]
-                if magic == b"ustar\x00" and header[345]:  # POSIX ustar: a path prefix
-                    name = header[345:500].split(b"\x00", 1)[0] + b"/" + name
-                if off + BLOCK + size > len(buf):
-                    return None
-                is_dir = kind == ord("5") or (kind == 0 and name.endswith(b"/"))
-                members.append((name.decode("utf-8", "surrogateescape"), is_dir, off + BLOCK, size))
-            off += BLOCK + _padded(size)
-    except ValueError:  # a numeric field that is not octal
-        return None
-    # The checksum is the sum of the header's bytes, its own 8 counted as spaces.
-    blocks = np.frombuffer(buf, np.uint8, len(buf) // BLOCK * BLOCK).reshape(-1, BLOCK)
-    blocks = blocks[np.array(headers, np.int64) // BLOCK]
-    sums = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * ord(" ")
-    return members if np.array_equal(sums, checksums) else None
-
-
-def _octal(field: bytes) -> int:
-    return int(field.strip(b" \x00") or b"0", 8)
-
-
-def _zip_entries(path: Path, raw: bytes) -> Iterator[tuple[str, bytes | None]]:
-    """Like _tar_entries for a .zip; zipfile checks each member's CRC as it reads it."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-            # zipfile stops each member at its declared size: the sum bounds what we read.
-            limit = _expansion_limit(raw)
-            if sum(info.file_size for info in zf.infolist()) > limit:
-                raise _bomb(path, limit)
-            for info in zf.infolist():
-                _check_member(path, info.filename)
-                kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type, if recorded
-                if kind == stat.S_IFLNK:
-                    _refuse_member(path, info.filename, "link")
-                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                    _refuse_member(path, info.filename, "device or special file")
-                if info.is_dir():
-                    yield info.filename, None
-                else:
-                    yield info.filename, zf.read(info)
-    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
-        raise UserError(f"{path}: truncated or corrupt archive ({e}); copy or download it again") from None
 
 
 def _read_image_folder(where: str, entries: Iterable[tuple[str, bytes | None]], resize: bool,
@@ -515,129 +340,6 @@ def _label(where, names, folders, pixels, skipped) -> Decoded:
     return Decoded(names_of, splits, skipped)
 
 
-# ---------------------------------------------------------------- decoding
-
-def decode_images(items: Iterable[tuple[str, bytes]], resize: bool = False) -> np.ndarray:
-    """Decode (name, bytes) pairs into one uint8 (N, 32, 32, 3) array, in order.
-
-    A few thousand images decode here with PIL. Beyond one chunk, worker processes decode
-    chunks while this process goes on reading the source, and JPEGs go through torchvision's
-    batched libjpeg-turbo decoder (faster than PIL per image: BENCHMARKS.md, "Data
-    preparation"); its import costs
-    seconds, so it is only worth it for a large set. Workers are forked, so they inherit
-    the imports instead of paying them again.
-    """
-    chunks = _batched(items, CHUNK)
-    first = next(chunks, [])
-    second = next(chunks, None)
-    if second is None:
-        return _decode_chunk(first, resize, fast=False)
-    fast = _torchvision_decoder() is not None
-    context = multiprocessing.get_context("fork") if hasattr(os, "fork") else None
-    if context is None:  # no fork (Windows): decode here
-        return np.concatenate([_decode_chunk(c, resize, fast) for c in (first, second, *chunks)])
-    pool = ProcessPoolExecutor(_cpu_count(), mp_context=context)
-    try:
-        futures = [pool.submit(_decode_chunk, c, resize, fast) for c in (first, second)]
-        futures += [pool.submit(_decode_chunk, c, resize, fast) for c in chunks]
-        return np.concatenate([f.result() for f in futures])
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def _decode_chunk(chunk: list[tuple[str, bytes]], resize: bool, fast: bool) -> np.ndarray:
-    out = np.empty((len(chunk), 32, 32, 3), np.uint8)
-    todo = range(len(chunk))
-    if fast:
-        jpegs = [i for i, (_, blob) in enumerate(chunk) if blob[:3] == b"\xff\xd8\xff"]
-        done = _decode_jpegs_torchvision([chunk[i][1] for i in jpegs], out, jpegs)
-        todo = sorted(set(todo) - done)
-    for i in todo:  # PNGs, odd sizes, and anything torchvision refused: PIL names the culprit
-        out[i] = _decode_pil(*chunk[i], resize)
-    return out
-
-
-def _torchvision_decoder():
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return None
-    return decode_jpeg, ImageReadMode
-
-
-def _decode_jpegs_torchvision(blobs, out, where) -> set[int]:
-    """Decode 32x32 JPEGs into out[where]; return the indices done (none if any failed)."""
-    import torch
-
-    decode_jpeg, mode = _torchvision_decoder()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only buffers; torchvision's own deprecation notice
-        try:
-            images = decode_jpeg([torch.frombuffer(b, dtype=torch.uint8) for b in blobs], mode=mode.RGB)
-        except (RuntimeError, ValueError):
-            return set()
-    done = [i for i, img in zip(where, images) if img.shape == (3, 32, 32)]
-    if done:  # decode_jpeg's CHW tensors are views of HWC buffers: permuted back, one copy
-        out[done] = torch.stack([img.permute(1, 2, 0) for img in images if img.shape == (3, 32, 32)]).numpy()
-    return set(done)
-
-
-def open_image(name: str, file, failed: str = "cannot decode the image",
-               fix: str = "replace or remove the file"):
-    """An image file (a path or a file object) as a PIL image in RGB, 8 bits per channel;
-    UserError("{name}: {failed} ...; {fix}") for one that is not an image or larger than
-    MAX_PIXELS. The size is checked from the header, before anything is decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():  # PIL's own bomb warning: MAX_PIXELS is ours
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(file) as img:
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise UserError(f"{name}: {failed}: it is {w}x{h} pixels, more than the "
-                                    f"{MAX_PIXELS:,} cifar-ray decodes (a decompression bomb, or "
-                                    f"a picture far larger than the 32x32 it becomes); shrink it or {fix}")
-                return to_rgb(img)
-    except UnidentifiedImageError:
-        raise UserError(f"{name}: {failed} (not an image file PIL knows); {fix}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # A truncated file, a corrupt one, or a header beyond PIL's own limit.
-        raise UserError(f"{name}: {failed} ({quote(e)}); {fix}") from None
-
-
-def to_rgb(img):
-    """`img` in RGB, 8 bits per channel. PIL's convert("RGB") is right for 8-bit modes
-    (grayscale, palette, RGBA and LA lose alpha, CMYK) but clips 16- and 32-bit integer
-    and float pixels at 255 instead of scaling them: a 16-bit grayscale PNG came out
-    nearly white. Those are scaled from their type's full range (float: from 0..1)."""
-    from PIL import Image
-
-    if img.mode not in ("I", "F") and not img.mode.startswith("I;"):
-        return img.convert("RGB")
-    pixels = np.asarray(img).astype(np.float64)
-    if img.mode == "F":
-        scaled = np.clip(np.nan_to_num(pixels), 0.0, 1.0) * 255.0
-    else:  # I;16* (0..65535); I (32-bit): a 16-bit PNG's values, else the positive range
-        top = 65535.0 if img.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else 2.0**31 - 1
-        scaled = np.clip(pixels, 0.0, top) * (255.0 / top)
-    gray = np.rint(scaled).astype(np.uint8)
-    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
-
-
-def _decode_pil(name: str, blob: bytes, resize: bool) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    img = open_image(name, io.BytesIO(blob))
-    if img.size != (32, 32):
-        if not resize:
-            w, h = img.size
-            raise UserError(f"{name}: image is {w}x{h}, not 32x32; resize it or pass --resize "
-                            f"(scales the shorter side to 32, then crops the centre)")
-        img = ImageOps.fit(img, (32, 32), Image.Resampling.BICUBIC)
-    return np.asarray(img)
-
-
 # ---------------------------------------------------------------- helpers
 
 def _read_bytes(path: Path) -> bytes:
@@ -650,21 +352,3 @@ def _read_bytes(path: Path) -> bytes:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -24,19 +24,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifar_ray.data.sources import Decoded, Source, resolve
+from cifar_ray.data.sources import Decoded, Source, cache_home, resolve
 from cifar_ray.errors import UserError, shown
 from cifar_ray.fsutil import atomic_dir, check_writable_dir
+from cifar_ray.values import is_number
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test")
 IMAGE_BYTES = 32 * 32 * 3
 SCHEMA = pa.schema([("image", pa.binary(IMAGE_BYTES)), ("label", pa.int16())])
-
-
-def cache_home() -> Path:
-    """$CIFAR_RAY_HOME, or ~/.cache/cifar-ray."""
-    return Path(os.environ.get("CIFAR_RAY_HOME") or "~/.cache/cifar-ray").expanduser()
 
 
 @dataclass
@@ -124,7 +120,7 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise bad("meta.json: classes must be a list of at least 2 names")
     for key in ("mean", "std"):
         if not (isinstance(meta[key], list) and len(meta[key]) == 3
-                and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in meta[key])):
+                and all(is_number(v) and 0 <= v <= 1 for v in meta[key])):
             raise bad(f"meta.json: {key} must be 3 numbers in [0, 1]")
     if not all(v > 0 for v in meta["std"]):
         raise bad("meta.json: std must be > 0")

@@ -14,13 +14,13 @@ each default, so `--set depth=abc` fails before anything is built.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
+from cifar_ray import values
 from cifar_ray.errors import UserError, shown
 from cifar_ray.models.spec import build_model, has_batchnorm, load_spec, normalize, summarize
 
@@ -82,28 +82,15 @@ def _check_override(entry: Entry, key: str, value: Any) -> Any:
         raise UserError(f"model {entry.name}: unknown parameter {shown(key)}; valid parameters: {valid}")
     default = params[key]
     tp = type(default)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"model {entry.name}: parameter {key} must be a finite number, got {value}")
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp in (int, float):  # an int is fine where a float is expected, a bool never
-        ok = isinstance(value, (int, tp)) and not isinstance(value, bool)
-    else:
-        ok = default is None or isinstance(value, tp)
-    if not ok:
-        raise UserError(f"model {entry.name}: parameter {key} must be of type {tp.__name__} "
-                        f"(default {default!r}), got {shown(value)}")
-    if tp is float:
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond any float
-            raise UserError(f"model {entry.name}: parameter {key} must be a finite number, "
-                            f"got {shown(value)}") from None
+
+    def bad(what: str) -> UserError:
+        return UserError(f"model {entry.name}: parameter {key} must be {what} "
+                         f"(default {default!r}), got {shown(value)}")
+
+    if tp in values.TYPES:
+        return values.typed(tp, value, bad)
+    if default is not None and not isinstance(value, tp):
+        raise bad(f"of type {tp.__name__}")
     return value
 
 

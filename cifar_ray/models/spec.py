@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from cifar_ray.errors import UserError, finite_number, shown
+from cifar_ray.errors import UserError, shown
+from cifar_ray.values import finite_number, is_int
 
 IN_SHAPE = (3, 32, 32)  # CIFAR images: channels, height, width
 
@@ -84,7 +85,8 @@ def make_activation(name: str) -> nn.Module:
 
 REQUIRED = object()  # marks an argument without a default
 
-# type -> {argument: (kind, default)}. The kinds are checked by `_check_arg`.
+# type -> {argument: (kind, default)}. The kinds are checked by `_check_arg`; each type's
+# module is made by its builder in BUILDERS (below, beside the builders).
 LAYERS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {
         "filters": ("count", REQUIRED),
@@ -130,9 +132,8 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
     def bad(what: str) -> UserError:
         return UserError(f"{where} must be {what}, got {shown(value)}")
 
-    is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind == "count" or (kind == "count_or_null" and value is not None):
-        if not is_int or value < 1:
+        if not is_int(value) or value < 1:
             raise bad("a positive integer")
     elif kind == "bool":
         if not isinstance(value, bool):
@@ -144,9 +145,9 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
         if _parse_activation(value) is None:
             raise bad(f"one of {ACTIVATION_HELP}")
     elif kind == "rate":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        value = finite_number(value, lambda _: bad("a number in [0, 1)"))
+        if not 0 <= value < 1:
             raise bad("a number in [0, 1)")
-        value = float(value)
     elif kind in ("fraction", "positive", "number"):
         value = finite_number(value, bad)
         if kind == "fraction" and not 0 < value <= 1:
@@ -403,8 +404,20 @@ def _check_size(label: str, params: int, out: Sequence[int]) -> None:
                         f"{MAX_VALUES:,}; use fewer filters or pool earlier")
 
 
+def _map(shape, label: str) -> tuple[int, int, int]:
+    """The input of a layer that needs a feature map, or a UserError naming it."""
+    if len(shape) != 3:
+        raise UserError(f"{label}: needs a CxHxW feature map, but its input is a flat vector "
+                        f"of {shape[0]}; move it before flatten/gap/dense")
+    return shape
+
+
+# ---- one builder per layer type (BUILDERS below): a canonical layer at an input shape ->
+# (modules, output shape, MACs per image). The layer's batchnorm flag and activation are
+# appended after them by `_build_layer`.
+
 def _conv(layer: dict, shape, label: str):
-    c, h, w = shape
+    c, h, w = _map(shape, label)
     k, s, g = layer["kernel"], layer["stride"], layer["groups"]
     if c % g or layer["filters"] % g:
         raise UserError(f"{label}: groups {g} must divide the input channels ({c}) and filters "
@@ -416,68 +429,82 @@ def _conv(layer: dict, shape, label: str):
     if layer.get("dirac"):  # the first min(in, out) filters pass their input channel through
         with torch.no_grad():
             nn.init.dirac_(conv.weight[:min(c, layer["filters"])])
-    parts = [conv]
-    macs = out[0] * out[1] * out[2] * (c // g) * k * k
-    return parts, out, macs
+    return [conv], out, out[0] * out[1] * out[2] * (c // g) * k * k
+
+
+def _pool(layer: dict, shape, label: str):
+    c, h, w = _map(shape, label)
+    k, s = layer["size"], layer["stride"] or layer["size"]
+    pool = nn.MaxPool2d if layer["type"] == "maxpool" else nn.AvgPool2d
+    return [pool(k, s)], (c, (h - k) // s + 1, (w - k) // s + 1), 0
+
+
+def _whiten(layer: dict, shape, label: str):
+    c, h, w = _map(shape, label)
+    k = layer["kernel"]
+    out = (2 * c * k * k, h - k + 1, w - k + 1)
+    _check_size(label, out[0] * (c * k * k + 1), out)
+    if min(out) < 1:
+        return [], out, 0  # refused by the caller, naming the shapes
+    return [Whiten(c, k, layer["eps"])], out, out[0] * out[1] * out[2] * c * k * k
+
+
+def _batchnorm(layer: dict, shape, label: str):
+    if layer["scale"]:
+        bn = (nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d)(
+            shape[0], eps=layer["eps"], momentum=layer["momentum"])
+    else:  # gamma fixed at 1: only the shift beta is learned
+        bn = ShiftBatchNorm(shape[0], eps=layer["eps"], momentum=layer["momentum"])
+    return [bn], shape, 0
+
+
+def _global_pool(layer: dict, shape, label: str):
+    c, _, _ = _map(shape, label)
+    pool = nn.AdaptiveAvgPool2d if layer["type"] == "gap" else nn.AdaptiveMaxPool2d
+    return [pool(1), nn.Flatten()], (c,), 0
+
+
+def _flatten(layer: dict, shape, label: str):  # a no-op on a vector, as Keras's Flatten
+    if len(shape) != 3:
+        return [], shape, 0
+    return [nn.Flatten()], (shape[0] * shape[1] * shape[2],), 0
+
+
+def _dense(layer: dict, shape, label: str):
+    if len(shape) == 3:
+        raise UserError(f"{label}: input is a {_fmt(shape)} feature map; put flatten or gap "
+                        f"before dense")
+    units = layer["units"]
+    _check_size(label, shape[0] * units + units * layer["bias"], (units,))
+    return [nn.Linear(shape[0], units, bias=layer["bias"])], (units,), shape[0] * units
+
+
+# Layer type -> its builder. A new layer type: its arguments in LAYERS, a builder here.
+# (residual, which holds layers of its own, is built by `_build_residual`.)
+BUILDERS = {
+    "conv": _conv,
+    "maxpool": _pool,
+    "avgpool": _pool,
+    "whiten": _whiten,
+    "batchnorm": _batchnorm,
+    "mul": lambda layer, shape, label: ([Mul(layer["factor"])], shape, 0),
+    "act": lambda layer, shape, label: ([], shape, 0),  # the activation alone, appended below
+    "dropout": lambda layer, shape, label: ([nn.Dropout(layer["rate"])], shape, 0),
+    "gap": _global_pool,
+    "gmp": _global_pool,
+    "flatten": _flatten,
+    "dense": _dense,
+}
 
 
 def _build_layer(layer: dict, shape: tuple, at: str):
     """One canonical layer at input `shape` -> (module, output shape, MACs, extra row keys).
 
     `at` names it in messages (`model x: layer 5.1`)."""
-    kind = layer["type"]
     label = f"{at} ({describe(layer)})"
-    spatial = len(shape) == 3
-    if kind in ("conv", "whiten", "maxpool", "avgpool", "gap", "gmp", "residual") and not spatial:
-        raise UserError(f"{label}: needs a CxHxW feature map, but its input is a flat vector "
-                        f"of {shape[0]}; move it before flatten/gap/dense")
-    if kind == "dense" and spatial:
-        raise UserError(f"{label}: input is a {_fmt(shape)} feature map; put flatten or gap "
-                        f"before dense")
-    parts, macs = [], 0
-    if kind == "conv":
-        parts, out, macs = _conv(layer, shape, label)
-    elif kind in ("maxpool", "avgpool"):
-        k, s = layer["size"], layer["stride"] or layer["size"]
-        pool = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
-        parts = [pool(k, s)]
-        out = (shape[0], (shape[1] - k) // s + 1, (shape[2] - k) // s + 1)
-    elif kind == "whiten":
-        c, h, w = shape
-        k = layer["kernel"]
-        out = (2 * c * k * k, h - k + 1, w - k + 1)
-        _check_size(label, out[0] * (c * k * k + 1), out)
-        if min(out) >= 1:
-            parts = [Whiten(c, k, layer["eps"])]
-            macs = out[0] * out[1] * out[2] * c * k * k
-    elif kind == "batchnorm":
-        if layer["scale"]:
-            bn = (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(
-                shape[0], eps=layer["eps"], momentum=layer["momentum"])
-        else:  # gamma fixed at 1: only the shift beta is learned
-            bn = ShiftBatchNorm(shape[0], eps=layer["eps"], momentum=layer["momentum"])
-        parts, out = [bn], shape
-    elif kind == "mul":
-        parts, out = [Mul(layer["factor"])], shape
-    elif kind == "act":
-        out = shape
-    elif kind == "dropout":
-        parts, out = [nn.Dropout(layer["rate"])], shape
-    elif kind in ("gap", "gmp"):
-        pool = nn.AdaptiveAvgPool2d if kind == "gap" else nn.AdaptiveMaxPool2d
-        parts, out = [pool(1), nn.Flatten()], (shape[0],)
-    elif kind == "flatten":  # a no-op on a vector, as Keras's Flatten
-        out = (shape[0] * shape[1] * shape[2],) if spatial else shape
-        parts = [nn.Flatten()] if spatial else []
-    elif kind == "dense":
-        units = layer["units"]
-        _check_size(label, shape[0] * units + units * layer["bias"], (units,))
-        parts, out = [nn.Linear(shape[0], layer["units"], bias=layer["bias"])], (layer["units"],)
-        macs = shape[0] * layer["units"]
-    elif kind == "residual":
+    if layer["type"] == "residual":
         return _build_residual(layer, shape, at, label)
-    else:  # pragma: no cover - normalize() has refused it
-        raise AssertionError(kind)
+    parts, out, macs = BUILDERS[layer["type"]](layer, shape, label)
     if min(out) < 1:
         raise UserError(f"{label}: input {_fmt(shape)} gives {_fmt(max(0, d) for d in out[1:])}; "
                         f"use padding: same or fewer pools")
@@ -490,7 +517,7 @@ def _build_layer(layer: dict, shape: tuple, at: str):
 
 
 def _build_residual(layer: dict, shape: tuple, at: str, label: str):
-    body, out, rows = _build_list(layer["body"], shape, f"{at}.")
+    body, out, rows = _build_list(layer["body"], _map(shape, label), f"{at}.")
     if len(out) != 3:
         raise UserError(f"{label}: its body must end with a CxHxW feature map, got a flat "
                         f"vector of {out[0]}; remove flatten/gap/dense from the body")
@@ -529,7 +556,7 @@ def build(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
 
     Every row: {index, type, args, out_shape, params, macs}; a residual row adds `body`
     (rows of its layers) and `shortcut` (a row, or None for the identity)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     layers = normalize(spec, source)
     body, shape, rows = _build_list(layers, tuple(in_shape), _prefix(source))
