@@ -157,7 +157,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def build_model(cfg: C.Config, num_classes: int, device: torch.device) -> nn.Module:
+def make_model(cfg: C.Config, num_classes: int, device: torch.device) -> nn.Module:
     model = create_model(cfg.model.spec or cfg.model.name, num_classes=num_classes, **cfg.model.args)
     model = model.to(device)
     if cfg.train.channels_last:
@@ -408,7 +408,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels
     num_classes = len(data.classes)
-    model = build_model(cfg, num_classes, device)
+    model = make_model(cfg, num_classes, device)
     per_worker = max(1, cfg.train.batch_size // world_size)
     common = dict(device=device, mean=data.mean, std=data.std, seed=cfg.train.seed,
                   rank=rank, world_size=world_size, channels_last=cfg.train.channels_last)

@@ -27,7 +27,7 @@ def model_from_state(state: dict, device: torch.device | str = "cpu", ema: bool 
     `where` names the checkpoint in messages."""
     cfg = C.from_dict(state["config"], f"{where}: config")
     try:
-        model = engine.build_model(cfg, len(state["classes"]), torch.device(device))
+        model = engine.make_model(cfg, len(state["classes"]), torch.device(device))
     except UserError as e:  # e.g. the spec file it was trained from is gone or changed
         raise UserError(f"{where}: cannot rebuild its model: {e}") from None
     weights = state["ema"] if ema and state.get("ema") else state["model"]

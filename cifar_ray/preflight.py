@@ -88,7 +88,7 @@ def problem(r: dict) -> str | None:
     return None
 
 
-def describe(r: dict) -> str:
+def gpu_text(r: dict) -> str:
     driver = f"driver {r['driver']} (CUDA {r['driver_cuda']})" if r["driver"] else "no NVIDIA driver"
     return (f"{r['node']} ({r['host']}): {r['gpu'] or 'no GPU'}, {driver}, "
             f"torch {r['torch']} (CUDA {r['cuda_build'] or 'none'})")
@@ -116,7 +116,7 @@ def check_gpus(bundles: list[dict], strategy: str = "PACK", echo=print) -> list[
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     for r in reports:  # the node as Ray lists it: its address, then its host name
         r["node"] = address.get(r["node"], r["node"])
-        echo(f"GPU preflight: {describe(r)}")
+        echo(f"GPU preflight: {gpu_text(r)}")
         why = problem(r)
         if why:
             raise UserError(f"GPU preflight failed on node {r['node']} ({r['host']}): {why}")

@@ -119,19 +119,19 @@ def test_one_rule_for_numbers_in_every_reader():
     is never one; inf and nan are refused."""
     from cifar_ray import space as S
     from cifar_ray.models import get_spec
-    from cifar_ray.models.spec import normalize
+    from cifar_ray.models.spec import parse_spec
 
     assert C.from_dict({"optim": {"lr": "1e-3"}}).optim.lr == 1e-3
     assert C.from_dict({"optim": {"lr": "2.5E+1"}}).optim.lr == 25.0
     assert get_spec("cnn", width="5e-1") == get_spec("cnn", width=0.5)
-    assert normalize([{"mul": "1e-3"}])[0]["factor"] == 1e-3
-    assert normalize([{"dropout": "1e-1"}])[0]["rate"] == 0.1
+    assert parse_spec([{"mul": "1e-3"}])[0]["factor"] == 1e-3
+    assert parse_spec([{"dropout": "1e-1"}])[0]["rate"] == 0.1
     assert S._distribution("loguniform", ["1e-5", "1e-3"], "w") == [1e-5, 1e-3]
     for text in ("0.5", "abc", "1e", True):
         with pytest.raises(UserError, match=f"optim.lr must be a number, got {text!r}"):
             C.from_dict({"optim": {"lr": text}})
         with pytest.raises(UserError, match="factor must be a number"):
-            normalize([{"mul": text}])
+            parse_spec([{"mul": text}])
         with pytest.raises(UserError, match="parameter width must be a number"):
             get_spec("cnn", width=text)
         with pytest.raises(UserError, match=r"must be \[low, high\] \(two numbers\)"):
@@ -140,7 +140,7 @@ def test_one_rule_for_numbers_in_every_reader():
         with pytest.raises(UserError, match="optim.lr must be a (finite )?number"):
             C.from_dict({"optim": {"lr": bad}})
         with pytest.raises(UserError, match="factor must be a (finite )?number"):
-            normalize([{"mul": bad}])
+            parse_spec([{"mul": bad}])
 
 
 def test_a_new_model_starts_without_the_old_models_args():

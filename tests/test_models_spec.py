@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cifar_ray.errors import UserError
-from cifar_ray.models import (build_model, create_model, dump_spec, get_spec, list_models,
-                              load_spec, normalize, summarize)
+from cifar_ray.models import (build_module, create_model, dump_spec, get_spec, list_models,
+                              load_spec, parse_spec, summarize)
 from cifar_ray.models import spec as spec_module
 from cifar_ray.models.spec import build
 
@@ -29,24 +29,24 @@ def test_shorthand_and_canonical_forms_are_the_same_layers():
                  {"type": "batchnorm"}, {"type": "gap"},
                  {"type": "dense", "units": 100, "activation": "gelu"},
                  {"type": "act", "activation": "tanh"}]
-    assert normalize(short) == normalize(canonical)
-    conv = normalize(short)[0]
+    assert parse_spec(short) == parse_spec(canonical)
+    conv = parse_spec(short)[0]
     assert conv == {"type": "conv", "filters": 64, "kernel": 5, "stride": 1, "padding": "same",
                     "groups": 1, "bias": True, "batchnorm": False, "activation": "relu",
                     "dirac": False}
 
 
 def test_defaults_follow_keras():
-    conv = normalize([{"conv": 8}])[0]
+    conv = parse_spec([{"conv": 8}])[0]
     assert conv["padding"] == "valid" and conv["bias"] and conv["kernel"] == 3
-    pool = build_model([{"maxpool": 3}])[0]
+    pool = build_module([{"maxpool": 3}])[0]
     assert pool.kernel_size == 3 and pool.stride == 3  # stride defaults to the size
 
 
 def test_batchnorm_comes_before_the_activation():
-    block = build_model([{"conv": 8, "batchnorm": True, "activation": "elu"}])[0]
+    block = build_module([{"conv": 8, "batchnorm": True, "activation": "elu"}])[0]
     assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.ELU]
-    dense = build_model(["flatten", {"dense": 4, "batchnorm": True}])[1]
+    dense = build_module(["flatten", {"dense": 4, "batchnorm": True}])[1]
     assert [type(m) for m in dense] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
 
 
@@ -54,10 +54,10 @@ def test_activations():
     acts = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh,
             "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
     for name, cls in acts.items():
-        assert isinstance(build_model([{"act": name}])[0], cls)
-    assert build_model([{"act": "leaky_relu"}])[0].negative_slope == 0.01  # PyTorch's default
-    assert build_model([{"act": "leaky_relu:0.3"}])[0].negative_slope == 0.3  # Keras's
-    identity = build_model([{"conv": 4, "activation": "identity"}])[0]
+        assert isinstance(build_module([{"act": name}])[0], cls)
+    assert build_module([{"act": "leaky_relu"}])[0].negative_slope == 0.01  # PyTorch's default
+    assert build_module([{"act": "leaky_relu:0.3"}])[0].negative_slope == 0.3  # Keras's
+    identity = build_module([{"conv": 4, "activation": "identity"}])[0]
     assert isinstance(identity, nn.Conv2d)
 
 
@@ -70,20 +70,20 @@ def test_classifier_outputs_logits_and_flattens_a_feature_map():
 
 
 def test_residual_shortcuts():
-    same = build_model([{"conv": 8, "padding": "same"},
+    same = build_module([{"conv": 8, "padding": "same"},
                         {"residual": [{"conv": 8, "padding": "same"}]}])[1]
     assert isinstance(same.shortcut, nn.Identity)
-    down = build_model([{"residual": [{"conv": 16, "stride": 2, "padding": "same",
+    down = build_module([{"residual": [{"conv": 16, "stride": 2, "padding": "same",
                                        "batchnorm": True}]}])[0]
     conv, bn = down.shortcut
     assert conv.kernel_size == (1, 1) and conv.stride == (2, 2) and conv.bias is None
     assert isinstance(bn, nn.BatchNorm2d)
-    no_bn = build_model([{"residual": [{"conv": 16, "padding": "same"}]}])[0]
+    no_bn = build_module([{"residual": [{"conv": 16, "padding": "same"}]}])[0]
     assert isinstance(no_bn.shortcut, nn.Conv2d) and no_bn.shortcut.bias is not None
     assert no_bn(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32, 32)
     # 10 -> 5 -> 3 in the body; a 1x1 conv with stride 4 gives ceil(10 / 4) = 3 too
     twice = {"conv": 4, "stride": 2, "padding": "same"}
-    model = build_model([{"residual": [twice, twice]}], in_shape=(3, 10, 10))
+    model = build_module([{"residual": [twice, twice]}], in_shape=(3, 10, 10))
     assert model[0].shortcut.stride == (4, 4)
     assert model(torch.randn(2, 3, 10, 10)).shape == (2, 10)
 
@@ -103,7 +103,7 @@ def test_macs_of_a_tiny_spec_by_hand():
     assert info["macs"] == sum(hand) == 205_312
     params = [8 * 27 + 8, 0, 4 * 8 + 4, 4 * 2 * 9 + 4, 0, 256 * 16 + 16, 16 * 10 + 10]
     assert [r["params"] for r in info["layers"]] == params
-    assert info["params"] == numel(build_model(spec))
+    assert info["params"] == numel(build_module(spec))
 
 
 def test_residual_macs_include_the_shortcut():
@@ -247,7 +247,7 @@ BAD = [
 @pytest.mark.parametrize("spec, message", BAD)
 def test_bad_specs_are_refused_with_one_clear_line(spec, message):
     with pytest.raises(UserError, match=message) as e:
-        build_model(spec)
+        build_module(spec)
     assert "\n" not in str(e.value)
 
 

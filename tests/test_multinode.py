@@ -271,7 +271,7 @@ def test_the_config_carries_a_spec_files_layers(spec, tmp_path):
     cfg = C.portable(C.load_config(overrides=[f"model.name={spec}"]))
     assert cfg.model.name == spec and len(cfg.model.spec) == 5
     Path(spec).unlink()  # a node without the file
-    model = engine.build_model(cfg, 10, torch.device("cpu"))
+    model = engine.make_model(cfg, 10, torch.device("cpu"))
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     # a registered name in place of the file: the file's layers are not this model's
     named = C.portable(C.replace(cfg, model__name="seed-small"))

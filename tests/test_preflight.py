@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_ray.preflight import describe, problem
+from cifar_ray.preflight import gpu_text, problem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_a_matching_stack_passes():
     assert problem(GOOD) is None
     # CUDA's minor-version compatibility: a 12.8 build on a 12.4-era driver runs.
     assert problem({**GOOD, "driver": "550.90.07", "driver_cuda": "12.4"}) is None
-    assert describe(GOOD) == ("10.0.1.7 (ip-10-0-1-7): NVIDIA A10G, driver 570.172.08 (CUDA 12.8), "
+    assert gpu_text(GOOD) == ("10.0.1.7 (ip-10-0-1-7): NVIDIA A10G, driver 570.172.08 (CUDA 12.8), "
                               "torch 2.14.1+cu128 (CUDA 12.8)")
 
 

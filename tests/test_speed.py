@@ -13,7 +13,7 @@ from cifar_ray import config as C
 from cifar_ray import engine
 from cifar_ray.errors import UserError
 from cifar_ray.models import create_model, model_info
-from cifar_ray.models.spec import ShiftBatchNorm, Whiten, build_model, normalize, summarize
+from cifar_ray.models.spec import ShiftBatchNorm, Whiten, build_module, parse_spec, summarize
 from cifar_ray.data.split import load_split
 
 
@@ -201,12 +201,12 @@ def test_speed_net_shape_and_layers():
 ])
 def test_new_layer_arguments_are_checked(layer, message):
     with pytest.raises(UserError, match=message):
-        normalize([layer, "gap"])
+        parse_spec([layer, "gap"])
 
 
 def test_whiten_needs_a_feature_map_and_counts_macs():
     with pytest.raises(UserError, match="needs a CxHxW feature map"):
-        build_model(["gap", {"whiten": 2}])
+        build_module(["gap", {"whiten": 2}])
     rows = summarize([{"whiten": 3}, "gap"])["layers"]
     assert rows[0]["out_shape"] == [54, 30, 30]
     assert rows[0]["macs"] == 54 * 30 * 30 * 3 * 3 * 3 and rows[0]["params"] == 54  # bias only

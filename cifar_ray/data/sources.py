@@ -1,6 +1,6 @@
 """Turn a SOURCE string into decoded uint8 images + labels, and a content hash to cache by.
 
-`resolve(spec)` is cheap: it reads the source's bytes (needed for the hash) but decodes
+`find_source(spec)` is cheap: it reads the source's bytes (needed for the hash) but decodes
 nothing, so a cache hit costs one read and one hash. `Source.read()` does the decoding.
 
 Kinds of source:
@@ -64,7 +64,7 @@ class Source:
     read: Callable[[], Decoded] = field(default=lambda: None, repr=False)
 
 
-def resolve(spec: str, resize: bool = False) -> Source:
+def find_source(spec: str, resize: bool = False) -> Source:
     """Identify SOURCE `spec` and hash its content; raise UserError if it is none of them."""
     if spec == "cifar10":
         return _official_download()

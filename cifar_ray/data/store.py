@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifar_ray.data.sources import Decoded, Source, cache_home, resolve
+from cifar_ray.data.sources import Decoded, Source, cache_home, find_source
 from cifar_ray.errors import UserError, shown
 from cifar_ray.fsutil import atomic_dir, check_writable_dir
 from cifar_ray.values import is_number
@@ -59,7 +59,7 @@ def prepare(source: str, out: str | os.PathLike | None = None, *, resize: bool =
 
     `out=None` uses the cache; a directory that already holds this dataset is returned as
     is. `resize` scales images that are not 32x32 instead of refusing them."""
-    src = resolve(str(source), resize)
+    src = find_source(str(source), resize)
     if src.kind == "prepared":
         read_meta(src.path)
         return src.path if out is None else _copy(src.path, Path(out))

@@ -7,7 +7,7 @@
 
 from cifar_ray.models.registry import (create_model, default_recipe, get_spec, list_models,
                                        model_info, register)
-from cifar_ray.models.spec import build_model, dump_spec, load_spec, normalize, summarize
+from cifar_ray.models.spec import build_module, dump_spec, load_spec, parse_spec, summarize
 
-__all__ = ["build_model", "create_model", "default_recipe", "dump_spec", "get_spec", "list_models",
-           "load_spec", "model_info", "normalize", "register", "summarize"]
+__all__ = ["build_module", "create_model", "default_recipe", "dump_spec", "get_spec", "list_models",
+           "load_spec", "model_info", "parse_spec", "register", "summarize"]

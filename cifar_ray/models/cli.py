@@ -55,11 +55,11 @@ def list_cmd():
 
 
 def _layer_rows(layers: list[dict], prefix: str = "") -> list[tuple]:
-    from cifar_ray.models.spec import describe
+    from cifar_ray.models.spec import layer_text
 
     rows = []
     for r in layers:
-        text = describe({"type": r["type"], **r["args"]})
+        text = layer_text({"type": r["type"], **r["args"]})
         if r["type"] == "residual":
             text += " + " + ("identity" if r["shortcut"] is None else "1x1 conv shortcut")
         shape = "x".join(map(str, r["out_shape"]))

@@ -22,7 +22,7 @@ from torch import nn
 
 from cifar_ray import values
 from cifar_ray.errors import UserError, shown
-from cifar_ray.models.spec import build_model, has_batchnorm, load_spec, normalize, summarize
+from cifar_ray.models.spec import build_module, has_batchnorm, load_spec, parse_spec, summarize
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 
@@ -102,14 +102,14 @@ class Resolved:
     source: str  # prefix for messages: "model cnn" or the file path
 
 
-def resolve(name_or_path: str | Path | list, **overrides) -> Resolved:
+def lookup(name_or_path: str | Path | list, **overrides) -> Resolved:
     """A registered name (with overrides), a spec file (an existing file wins) or a spec's
     layers themselves (a list, as a run's config carries them: `model.spec`) -> its spec."""
     if isinstance(name_or_path, list):
         if overrides:
             raise UserError(f"model.spec: a layer spec takes no parameters (got "
                             f"{', '.join(overrides)}); edit the layers instead")
-        return Resolved("layer spec", "layer spec", normalize(name_or_path, "model.spec"),
+        return Resolved("layer spec", "layer spec", parse_spec(name_or_path, "model.spec"),
                         "model.spec")
     text = str(name_or_path)
     if Path(text).is_file():
@@ -122,7 +122,7 @@ def resolve(name_or_path: str | Path | list, **overrides) -> Resolved:
     entry = get_entry(text)
     kwargs = {k: _check_override(entry, k, v) for k, v in overrides.items()}
     source = f"model {entry.name}"
-    return Resolved(entry.name, entry.description, normalize(entry.fn(**kwargs), source), source)
+    return Resolved(entry.name, entry.description, parse_spec(entry.fn(**kwargs), source), source)
 
 
 # The config's defaults (SGD, lr 0.05, one-cycle) train nets with BatchNorm. Nets without it
@@ -135,23 +135,23 @@ NO_NORM_RECIPE = {"optim.name": "adamw", "optim.lr": 0.001}
 def default_recipe(name_or_path: str | Path, **overrides) -> dict:
     """Config keys (dotted) that this model trains with unless the config sets them: {} for
     nets with BatchNorm, NO_NORM_RECIPE for nets without (a spec file too)."""
-    return {} if has_batchnorm(resolve(name_or_path, **overrides).spec) else dict(NO_NORM_RECIPE)
+    return {} if has_batchnorm(lookup(name_or_path, **overrides).spec) else dict(NO_NORM_RECIPE)
 
 
 def get_spec(name_or_path: str | Path | list, **overrides) -> list[dict]:
     """The canonical layer spec of a model or spec file (e.g. to save and edit)."""
-    return resolve(name_or_path, **overrides).spec
+    return lookup(name_or_path, **overrides).spec
 
 
 def create_model(name_or_path: str | Path | list, num_classes: int = 10, **overrides) -> nn.Module:
     """Build a model (a registered name or a spec-file path); its output is logits."""
-    r = resolve(name_or_path, **overrides)
-    return build_model(r.spec, num_classes, source=r.source)
+    r = lookup(name_or_path, **overrides)
+    return build_module(r.spec, num_classes, source=r.source)
 
 
 def model_info(name_or_path: str | Path | list, num_classes: int = 10, **overrides) -> dict:
     """{name, description, params, macs, layers}: per-layer output shape, params and MACs
     per image (see `spec.summarize`), computed without allocating weights."""
-    r = resolve(name_or_path, **overrides)
+    r = lookup(name_or_path, **overrides)
     return {"name": r.name, "description": r.description,
             **summarize(r.spec, num_classes, source=r.source)}

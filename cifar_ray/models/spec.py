@@ -10,7 +10,7 @@ The shorthand puts the type as the FIRST key, whose value is the layer's main ar
     {conv: 64, kernel: 3, padding: same, batchnorm: true}
     {maxpool: 2}   {dropout: 0.4}   {dense: 2000}   gap
 
-`normalize` turns either form into the canonical form with every default filled in; the
+`parse_spec` turns either form into the canonical form with every default filled in; the
 builder only ever sees that. The builder tracks the (C, H, W) shape through the list and
 refuses, before any training, a layer whose output would be empty, naming the layer. A
 final `Linear(features, num_classes)` producing logits is always appended (a 4-D feature map
@@ -160,7 +160,7 @@ def _check_arg(kind: str, value: Any, where: str) -> Any:
     return value
 
 
-# ---------------------------------------------------------------- normalize / compact
+# ---------------------------------------------------------------- parse_spec / compact
 
 def _canonical_dict(item: Any, where: str) -> dict:
     """Either accepted form -> {type: ..., args...} (not yet checked against the table)."""
@@ -236,7 +236,7 @@ def _prefix(source: str | None) -> str:
     return f"{source}: layer " if source else "layer "
 
 
-def normalize(spec: Any, source: str | None = None) -> list[dict]:
+def parse_spec(spec: Any, source: str | None = None) -> list[dict]:
     """Check a spec and return it in canonical form with every default filled in.
 
     `source` (a file or model name) prefixes messages: `spec.yaml: layer 3 (conv): ...`."""
@@ -260,7 +260,7 @@ def compact(spec: list[dict]) -> list[dict]:
     return out
 
 
-def describe(layer: dict) -> str:
+def layer_text(layer: dict) -> str:
     """One short line for tables and messages, e.g. `conv 64 3x3 same bn relu`."""
     kind = layer["type"]
     if kind == "conv":
@@ -501,7 +501,7 @@ def _build_layer(layer: dict, shape: tuple, at: str):
     """One canonical layer at input `shape` -> (module, output shape, MACs, extra row keys).
 
     `at` names it in messages (`model x: layer 5.1`)."""
-    label = f"{at} ({describe(layer)})"
+    label = f"{at} ({layer_text(layer)})"
     if layer["type"] == "residual":
         return _build_residual(layer, shape, at, label)
     parts, out, macs = BUILDERS[layer["type"]](layer, shape, label)
@@ -558,7 +558,7 @@ def build(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
     (rows of its layers) and `shortcut` (a row, or None for the identity)."""
     if not is_int(num_classes) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
-    layers = normalize(spec, source)
+    layers = parse_spec(spec, source)
     body, shape, rows = _build_list(layers, tuple(in_shape), _prefix(source))
     modules = list(body)
     if len(shape) == 3:  # the classifier takes a vector, as after Keras's Flatten
@@ -580,7 +580,7 @@ def build(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
     return nn.Sequential(*modules), rows
 
 
-def build_model(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
+def build_module(spec: Any, num_classes: int = 10, in_shape: Sequence[int] = IN_SHAPE,
                 source: str | None = None) -> nn.Sequential:
     """Spec -> `nn.Sequential` whose output is (batch, num_classes) logits."""
     summarize(spec, num_classes, in_shape, source)  # sizes checked before any weight exists
@@ -607,7 +607,7 @@ def load_spec(path: str | os.PathLike) -> list[dict]:
 
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such spec file")
-    return normalize(read_yaml(path, "spec"), str(path))
+    return parse_spec(read_yaml(path, "spec"), str(path))
 
 
 def dump_spec(spec: Any, path: str | os.PathLike) -> None:
@@ -618,5 +618,5 @@ def dump_spec(spec: Any, path: str | os.PathLike) -> None:
 
 
 def spec_yaml(spec: Any) -> str:
-    text = yaml.safe_dump(compact(normalize(spec)), sort_keys=False, default_flow_style=None)
+    text = yaml.safe_dump(compact(parse_spec(spec)), sort_keys=False, default_flow_style=None)
     return "# cifar-ray layer spec; inspect with: cifar-ray models show THIS_FILE\n" + text
