@@ -1,8 +1,8 @@
-"""End to end: a real Ray head on 127.0.0.1 (dashboard + job server, token auth), the training
-job and a sweep job of jobs/ submitted in smoke mode with the `ray job submit` CLI, their
-results checked in the run storage, `cifar-ray report` run on the sweep. The other two sweep
-jobs run the same code with other arguments: test_jobs.py checks their commands and smoke
-spaces without Ray.
+"""End to end: a real Ray head on 127.0.0.1 (dashboard + job server, token auth), a sweep job
+of jobs/ submitted in smoke mode with the `ray job submit` CLI, its results checked in the
+run storage, `cifar-ray report` run on the sweep. The other two sweep jobs run the same code
+with other arguments: test_jobs.py checks their commands and smoke spaces without Ray; the
+DDP training job is submitted to the autoscaling cluster of test_multinode.py.
 
 The head is private to this module: its own temp dir (so no `ray_current_cluster` file or
 session is left where other tests' Ray looks), its own free ports, its own token, and it is
@@ -15,7 +15,6 @@ design, so that other nodes could join), which the token protects.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -28,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
@@ -194,11 +192,10 @@ def head(request):
 # side, each lane one job after the other. Sweeps would share a lane: two `cifar-ray tune`
 # drivers that start in the same second on one head share Ray Tune's staging folder
 # (session/artifacts/<second>/tune) and mix their trials.
-JOBS = {
-    "smoke-train": ("train_ddp.py", ["--workers", "2"]),
+JOBS = {  # the DDP smoke job runs in test_multinode.py, on the autoscaling cluster
     "smoke-seed-journey": ("seed_journey.py", []),
 }
-LANES = [["smoke-train"], ["smoke-seed-journey"]]
+LANES = [["smoke-seed-journey"]]
 
 
 def submit_cmd(head: Head, name: str, script: str, *args: str) -> list[str]:
@@ -276,20 +273,6 @@ def test_head_advertises_itself_only_in_its_temp_dir(head):
 
     default = Path(get_ray_address_file(None))  # /tmp/ray/ray_current_cluster
     assert not default.is_file() or default.read_text().strip() != head.gcs_address
-
-
-def test_train_ddp_job(head, submitted):
-    output = finished(head, *submitted.result("smoke-train"), "smoke-train")
-    run = head.storage / "runs" / "smoke-train"
-    assert f"results: {run}" in output
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["epochs"] == 1 and summary["model"] == "cnn"
-    assert 0.0 <= summary["final_val_acc"] <= 1.0
-    for name in ("config.yaml", "metrics.csv", "curves.png"):
-        assert (run / name).is_file(), name
-    assert (run / summary["last_checkpoint"]).is_file()
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["scale"]["workers"] == 2 and config["scale"]["gpu"] is False
 
 
 SWEEPS = {  # job -> (column of trials.csv, the values its trials must show)

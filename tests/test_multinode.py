@@ -374,8 +374,18 @@ def test_the_smoke_job_scales_the_local_cluster_from_zero_and_back(tmp_path):
         print(f"\nautoscaling: 2 worker nodes {up_s:.0f} s after submit; the job ended at "
               f"{ended:.0f} s; both nodes gone at {gone:.0f} s ({gone - busy:.0f} s after they "
               "were last seen)")
-        summary = json.loads(next((tmp_path / "storage").rglob("summary.json")).read_text())
+        # what the job leaves in its storage: the whole run folder of a 2-worker DDP run
+        run = next((tmp_path / "storage").rglob("summary.json")).parent
+        assert f"results: {run}" in text
+        summary = json.loads((run / "summary.json").read_text())
         assert len({w["node_id"] for w in summary["workers"]}) == 2
+        assert summary["epochs"] == 1 and summary["model"] == "cnn"
+        assert 0.0 <= summary["final_val_acc"] <= 1.0
+        for name in ("config.yaml", "metrics.csv", "curves.png"):
+            assert (run / name).is_file(), name
+        assert (run / summary["last_checkpoint"]).is_file()
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["scale"]["workers"] == 2 and config["scale"]["gpu"] is False
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes
