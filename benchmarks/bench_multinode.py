@@ -50,7 +50,7 @@ def main() -> None:
         @ray.remote(num_cpus=0)
         def read(data) -> float:  # the argument is fetched before the task starts
             t0 = time.perf_counter()
-            n = sum(v.nbytes for v in (data or {}).values() if hasattr(v, "nbytes"))
+            n = data.nbytes if data is not None else 0  # touches every array's header
             return time.perf_counter() - t0 + 0 * n
 
         def timed(node_id, ref) -> float:
