@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import socket
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -130,3 +132,21 @@ def tar_member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
     info.type = kind
     info.linkname = linkname
     return info
+
+
+RAY = str(Path(sys.executable).parent / "ray")  # the venv's `ray` command
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (free when asked: a fixed port may collide
+    with a Ray the user runs)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

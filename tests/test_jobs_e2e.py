@@ -18,7 +18,6 @@ import csv
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,28 +27,16 @@ from pathlib import Path
 
 import pytest
 
+from helpers import RAY, free_ports
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 JOB_TIMEOUT_S = 420  # generous: the machine may be shared and busy
 
 
 # ---------------------------------------------------------------- the private head
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
@@ -90,7 +77,7 @@ class Head:
         self.token_path.write_text(os.urandom(24).hex())
         self.storage = root / "storage"
         (self.gcs_port, self.dashboard_port, client, agent_http, agent_grpc, runtime_env,
-         metrics, node_manager, object_manager) = _free_ports(9)
+         metrics, node_manager, object_manager) = free_ports(9)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = self._env(root)
         self.log = root / "ray-start.log"

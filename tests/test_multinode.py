@@ -294,9 +294,9 @@ def test_the_smoke_job_scales_the_local_cluster_from_zero_and_back(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_nodes
 
-    from test_jobs_e2e import RAY, _free_ports
+    from helpers import RAY, free_ports
 
-    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
+    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
     conf = yaml.safe_load(Path("cluster/local.yaml").read_text())
     conf["provider"]["gcs_address"] = f"{LOOPBACK}:{gcs}"
     conf["idle_timeout_minutes"] = 0.1
