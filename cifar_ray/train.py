@@ -144,8 +144,8 @@ def worker_info(rank: int, device) -> dict:
 
 def _followed(queue, running):
     """The workers' queue items as they come, until `running()` is false and the queue is
-    drained. One blocking get per item, or per second when idle (a 0.2 s poll plus an
-    `empty()` call per item kept the queue actor at ~3.6% of a core, now ~1.9%)."""
+    drained: one blocking get per item, or per second when idle (cheaper for the queue actor
+    than polling; BENCHMARKS.md, "Speed")."""
     from ray.util.queue import Empty
 
     while True:
