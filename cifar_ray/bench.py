@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_ray import config as C
+from cifar_ray.config import AugConfig, Config, load_config, replace
 from cifar_ray.data.loader import DeviceLoader
 
 # Time-to-accuracy targets: accuracy -> training-time budget in seconds (CPU: a laptop-sized
@@ -101,7 +101,7 @@ def _rate(batches, device: torch.device, max_images: int) -> float:
 def loader_vs_torchvision(images, labels, mean, std, device: torch.device, *,
                           batch_size: int = 512, pad: int = 2, max_images: int = 20480) -> dict:
     """Images/s of ours vs torchvision (its best of 0 and cpu_count workers); ratio ours/theirs."""
-    aug = C.AugConfig(crop_pad=pad, pad_mode="reflect", hflip="random")
+    aug = AugConfig(crop_pad=pad, pad_mode="reflect", hflip="random")
     ours_loader = DeviceLoader(images, labels, batch_size=batch_size, device=device, mean=mean,
                                std=std, aug=aug, shuffle=True, drop_last=True)
     ours = 0.0
@@ -124,7 +124,7 @@ def loader_vs_torchvision(images, labels, mean, std, device: torch.device, *,
 
 # ---------------------------------------------------------------- 2. Ray Train vs the engine
 
-def ray_vs_engine(cfg: C.Config, data, threads: int | None = None, settle_s: float = 10.0,
+def ray_vs_engine(cfg: Config, data, threads: int | None = None, settle_s: float = 10.0,
                   measure_s: float = 20.0, max_epochs: int = 1000) -> dict:
     """Steady-state training images/s of the engine alone and of Ray Train (1 worker) on the
     same config and data; plus the loader+augmentation share of a training epoch.
@@ -137,7 +137,7 @@ def ray_vs_engine(cfg: C.Config, data, threads: int | None = None, settle_s: flo
     from cifar_ray.train import run
 
     threads = threads or os.cpu_count() or 1
-    cfg = C.replace(cfg, scale__workers=1, scale__gpu=False, scale__cpus_per_worker=threads)
+    cfg = replace(cfg, scale__workers=1, scale__gpu=False, scale__cpus_per_worker=threads)
     torch.set_num_threads(threads)
 
     loader = DeviceLoader(*data.train, batch_size=cfg.train.batch_size, device="cpu",
@@ -147,9 +147,9 @@ def ray_vs_engine(cfg: C.Config, data, threads: int | None = None, settle_s: flo
         pass
     loader_s = time.perf_counter() - t0
 
-    probe = engine.fit(C.replace(cfg, train__epochs=1), data, device=torch.device("cpu"))
+    probe = engine.fit(replace(cfg, train__epochs=1), data, device=torch.device("cpu"))
     epochs = max(2, min(max_epochs, math.ceil((settle_s + measure_s) / probe[0]["seconds"])))
-    cfg = C.replace(cfg, train__epochs=epochs)
+    cfg = replace(cfg, train__epochs=epochs)
 
     def steady(hist):
         started = [sum(float(r["seconds"]) for r in hist[:i]) for i in range(len(hist))]
@@ -204,7 +204,7 @@ class _Curve:
                       f"{row['val_acc']:.4f}  ({row['images_per_s']:,} img/s)")
 
 
-def time_to_accuracy(cfg: C.Config, data, device: torch.device, targets: dict,
+def time_to_accuracy(cfg: Config, data, device: torch.device, targets: dict,
                      echo=None) -> dict:
     """Train `cfg` with the engine alone; the validation curve against cumulative training
     seconds (evaluation and start-up excluded), and for each target accuracy the training
@@ -212,7 +212,7 @@ def time_to_accuracy(cfg: C.Config, data, device: torch.device, targets: dict,
     from cifar_ray import engine
 
     if device.type == "cuda":  # CUDA context and cuDNN autotuning are start-up, not training
-        engine.fit(C.replace(cfg, train__epochs=1), data, device=device)
+        engine.fit(replace(cfg, train__epochs=1), data, device=device)
     curve = _Curve(echo)
     t0 = time.perf_counter()
     engine.fit(cfg, data, device=device, reporter=curve)
@@ -245,7 +245,7 @@ def run_bench(data_source: str | None, *, quick: bool = False, device: str | Non
     echo(f"cifar-ray bench  {result['machine']['date']}  {platform.machine()}, "
          f"{os.cpu_count()} cores, torch {torch.__version__}, {dev.type}"
          f"{' (' + result['machine']['gpu'] + ')' if dev.type == 'cuda' else ''}  data {source}")
-    base = C.load_config(preset, [f"data.source={source}"])
+    base = load_config(preset, [f"data.source={source}"])
     data = load_split(base)
 
     if "loader" in parts:
@@ -265,7 +265,7 @@ def run_bench(data_source: str | None, *, quick: bool = False, device: str | Non
             echo("train       Ray Train vs engine: skipped (ray is not installed)")
         else:
             sets = [f"data.source={source}", "model.name=seed-small", "train.batch_size=256"]
-            cfg = C.load_config(None, sets)
+            cfg = load_config(None, sets)
             r = ray_vs_engine(cfg, load_split(cfg),  # the split Ray's run loads
                               **({"settle_s": 0.5, "measure_s": 1.0, "max_epochs": 3} if quick else {}))
             result["ray"] = r
@@ -275,7 +275,7 @@ def run_bench(data_source: str | None, *, quick: bool = False, device: str | Non
 
     if "speed" in parts:
         sets = ["train.epochs=2", "train.eval_batch_size=500"] if quick else []
-        cfg = C.load_config(preset, [f"data.source={source}", *sets])
+        cfg = load_config(preset, [f"data.source={source}", *sets])
         echo(f"speed       {preset}: time to accuracy ({cfg.train.epochs} epochs, "
              f"{len(data.train[1])} train / {len(data.val[1])} held-out val images)")
         r = time_to_accuracy(cfg, data, dev, TARGETS[dev.type], echo=echo)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_ray import checkpoint
-from cifar_ray import config as C
+from cifar_ray.config import Config, OptimConfig, to_dict
 from cifar_ray.data.augment import normalize
 from cifar_ray.data.loader import DeviceLoader, derive_seed
 from cifar_ray.data.split import Split
@@ -69,7 +69,7 @@ def _cpu_has_bf16() -> bool:
 
 # ---------------------------------------------------------------- learning-rate schedule
 
-def lr_at(optim: C.OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+def lr_at(optim: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """The learning rate of global step `step`: a pure function, so resume needs only `step`.
 
     Warmup rises linearly over `warmup_epochs`; then onecycle falls linearly to zero,
@@ -157,7 +157,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def make_model(cfg: C.Config, num_classes: int, device: torch.device) -> nn.Module:
+def make_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
     model = create_model(cfg.model.spec or cfg.model.name, num_classes=num_classes, **cfg.model.args)
     model = model.to(device)
     if cfg.train.channels_last:
@@ -195,7 +195,7 @@ def init_from_data(model: nn.Module, x: torch.Tensor) -> None:
         model.train(was_training)
 
 
-def build_optimizer(cfg: C.Config, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """Parameter groups by kind: weights (ndim > 1), BatchNorm parameters (lr times
     `norm_lr_scale`) and other 1-D parameters (biases). In PyTorch's units only weights decay
     (decay only fights a bias's or norm's scale). In decoupled units (`optim.decoupled`,
@@ -267,7 +267,7 @@ class NullReporter:
 @dataclass
 class Loop:
     """Everything one run trains with; built once, mutated by `train_epoch`."""
-    cfg: C.Config
+    cfg: Config
     model: nn.Module  # possibly wrapped (DDP, compile)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -399,7 +399,7 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------- the loop over epochs
 
-def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
+def fit(cfg: Config, data: Split, *, device: torch.device, rank: int = 0,
         world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
         resume: dict | None = None, reporter: Reporter = NullReporter()) -> list[dict]:
     """Train `cfg.train.epochs` epochs (continuing from `resume` state) and return the
@@ -478,7 +478,7 @@ def fit(cfg: C.Config, data: Split, *, device: torch.device, rank: int = 0,
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "ema": ema.state_dict() if ema is not None else None,
                     "lookahead": lookahead.state_dict() if lookahead is not None else None,
-                    "rng": rng_state(), "config": C.to_dict(cfg), "classes": list(data.classes),
+                    "rng": rng_state(), "config": to_dict(cfg), "classes": list(data.classes),
                     "mean": list(data.mean), "std": list(data.std), "history": history,
                 }
         reporter.epoch_end(metrics, state_fn)

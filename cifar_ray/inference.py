@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_ray import config as C
+from cifar_ray.config import Config, from_dict
 from cifar_ray import checkpoint, engine, rundir
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import refuse_special
@@ -25,7 +25,7 @@ def model_from_state(state: dict, device: torch.device | str = "cpu", ema: bool 
                      where: str = "checkpoint"):
     """Rebuild (config, model in eval mode) from a checkpoint state (see load_state);
     `where` names the checkpoint in messages."""
-    cfg = C.from_dict(state["config"], f"{where}: config")
+    cfg = from_dict(state["config"], f"{where}: config")
     try:
         model = engine.make_model(cfg, len(state["classes"]), torch.device(device))
     except UserError as e:  # e.g. the spec file it was trained from is gone or changed
@@ -51,7 +51,7 @@ def _weights_problem(own: dict, weights: dict) -> str | None:
     return f"{extra[0]} is not in the model" if extra else None
 
 
-def split_arrays(cfg: C.Config, data: str, split: str | None, own: bool):
+def split_arrays(cfg: Config, data: str, split: str | None, own: bool):
     """(dataset, split name, (images, labels)) of DATA. `val` is the run's own held-out
     split; with no --split, the run's own data gives `val` and other data its test split,
     or all of it when it has one split only (a plain <class>/<image> folder)."""

@@ -398,7 +398,7 @@ def publish(stage):
 
 def run_report(run: Path) -> Path:
     """report.md for a single run directory: the summary, the config's headline, curves."""
-    from cifar_ray import config as C
+    from cifar_ray.config import Config, load_config
 
     run = Path(run)
     summary = rundir.read_summary(run)
@@ -407,7 +407,7 @@ def run_report(run: Path) -> Path:
         from cifar_ray.errors import UserError
 
         raise UserError(f"{run}: no metrics.csv; train first (cifar-ray train --out {run})")
-    cfg = C.load_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else C.Config()
+    cfg = load_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else Config()
     plot_curves(history, run / "curves.png", title=cfg.model.name)
     val = [h.get("val_acc", float("nan")) for h in history]
     best_i = max(range(len(val)), key=lambda i: val[i] if val[i] == val[i] else -1)

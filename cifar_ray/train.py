@@ -404,8 +404,10 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Locatio
 class _Console:
     """The driver's output: a progress bar on a terminal, one line per epoch always."""
 
-    def __init__(self, epochs: int, stream=sys.stderr):
-        self.epochs, self.stream = epochs, stream
+    def __init__(self, epochs: int, stream=None):
+        # sys.stderr when the console is made, not when this module was imported (a test's
+        # captured stream then, closed since)
+        self.epochs, self.stream = epochs, stream or sys.stderr
         self.tty = stream.isatty()
 
     def progress(self, epoch: int, step: int, steps: int) -> None:
