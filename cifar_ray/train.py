@@ -408,7 +408,7 @@ class _Console:
         # sys.stderr when the console is made, not when this module was imported (a test's
         # captured stream then, closed since)
         self.epochs, self.stream = epochs, stream or sys.stderr
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def progress(self, epoch: int, step: int, steps: int) -> None:
         if not self.tty:
