@@ -26,7 +26,7 @@ CHECKPOINTS = "checkpoints"
 # such a folder and no other; ".*.tmp" are the temp files of a killed write (fsutil).
 RUN = Kind("run", ("config.yaml", CHECKPOINTS),
            ("config.yaml", "metrics.csv", "curves.png", "summary.json", "report.md",
-            "confusion-*.png", CHECKPOINTS, ".*.tmp"))
+            "confusion-*.png", CHECKPOINTS, ".*.tmp", "events.out.tfevents.*", "mlflow.json"))
 STATE_FILE = "state.pt"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 

@@ -537,13 +537,16 @@ def newest_in(folder: Path, newer_than: int = 0, echo=print, fetch=Path) -> dict
 
 
 def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-        check_resources: bool = True, verbose: bool = False, echo=print) -> dict:
+        check_resources: bool = True, verbose: bool = False, echo=print,
+        mlflow: str | None = None) -> dict:
     """Train `cfg` into run directory `out` (a path or URI) on Ray Train; return the
-    summary."""
+    summary. `mlflow`: a tracking URI (see track.py)."""
     from cifar_ray.models import model_info
+    from cifar_ray.track import RunTracking
 
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
+    tracking = RunTracking(loc, mlflow, resume, echo)  # MLflow's server is asked now too
     if cfg.scale.workers < 1:
         raise UserError("scale.workers must be >= 1 for `cifar-ray train`")
     cfg = absolute_paths(cfg)
@@ -557,10 +560,10 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
         arrays = load_split(cfg)
         info = model_info(model, num_classes=len(arrays["classes"]), **cfg.model.args)
         check_batch(cfg, len(arrays["train_y"]), max(1, cfg.scale.workers))
-        with storage.Stage(loc) as stage:
+        with storage.Stage(loc) as stage, tracking:
             newest = resume_from(stage, cfg, echo) if resume else None
             return _run(cfg, arrays, info, stage, newest, resume, check_resources, verbose,
-                        echo)
+                        echo, tracking)
 
 
 def resume_from(stage: storage.Stage, cfg: C.Config, echo=print) -> dict | None:
@@ -628,7 +631,7 @@ def repair_ray_record(stage: storage.Stage, good: set[str]) -> None:
 
 
 def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: dict | None,
-         resume: bool, check_resources: bool, verbose: bool, echo) -> dict:
+         resume: bool, check_resources: bool, verbose: bool, echo, tracking) -> dict:
     """The Ray part of `run`: start the trainer, follow it, write the run's files. `newest`:
     the checkpoint a resumed run continues from."""
     import ray
@@ -647,6 +650,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
     if not resume:  # after every check (run): a refusal writes nothing
         storage.make_new(stage.loc)
     C.save_config(cfg, out / "config.yaml")
+    tracking.start(stage, cfg)
     stage.push()
     history: dict[int, dict] = {}
     resume_ref = None
@@ -686,6 +690,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
                 history[item[1]["epoch"]] = item[1]
                 rows = [history[k] for k in sorted(history)]
                 rundir.write_metrics(rows, out / "metrics.csv")
+                tracking.epoch(item[1])
                 try:
                     stage.push()
                 except UserError as e:  # the store may be back by the next epoch
@@ -722,6 +727,7 @@ def _run(cfg: C.Config, arrays: dict, info: dict, stage: storage.Stage, newest: 
         ray.shutdown()
     if error:
         summary["error"] = error
+    tracking.finish(summary)
     return summary
 
 

@@ -50,6 +50,7 @@ from cifar_ray import rundir
 from cifar_ray import space as S
 from cifar_ray import storage
 from cifar_ray import sweepdir as D
+from cifar_ray import track
 from cifar_ray import train as T
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import atomic_write, is_out_of_space, out_of_space
@@ -369,12 +370,14 @@ def _shared_arrays(arrays: dict) -> dict:
 
 def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool = False,
         overwrite: bool = False, check_resources: bool = True, verbose: bool = False,
-        echo=print) -> D.Sweep:
+        echo=print, mlflow: str | None = None) -> D.Sweep:
     """Run (or with `resume`, continue) the sweep of `space` into `out` (a path or URI);
-    write the tables and the report; return the sweep as read back."""
+    write the tables and the report; return the sweep as read back. `mlflow`: a tracking
+    URI (see track.py)."""
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
-    with storage.claimed(loc), storage.Stage(loc) as stage:  # one writer per folder
+    tracking = track.SweepTracking(loc, mlflow, resume, echo)  # MLflow's server is asked now
+    with storage.claimed(loc), storage.Stage(loc) as stage, tracking:  # one writer per folder
         experiment = None
         if resume:
             if not storage.exists(loc, D.SPACE_FILE):
@@ -387,12 +390,12 @@ def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool =
                                 f"{D.TUNE_PREFIX}*/tuner.pkl); run it again with --overwrite")
             experiment = loc.sub(exp.name)
         return _run(space, settings, stage, experiment, overwrite, check_resources, verbose,
-                    echo)
+                    echo, tracking)
 
 
 def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
          experiment: storage.Location | None, overwrite: bool, check_resources: bool,
-         verbose: bool, echo) -> D.Sweep:
+         verbose: bool, echo, tracking: track.SweepTracking) -> D.Sweep:
     """The sweep into `stage.loc`: a new one, or with `experiment` (Tune's folder of the
     sweep) the continuation of an interrupted one."""
     from cifar_ray.report import sweep_report
@@ -433,6 +436,7 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
         if not resume:
             storage.make_new(loc)
             storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
+        tracking.start(space, settings)
         echo(f"sweep {space.name}: {len(trials)} trials, up to {base.train.epochs} epochs each "
              f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
              f"{'resuming' if resume else 'writing'} {loc.text}")
@@ -446,6 +450,7 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
         D.write_tables(sw)
         sweep_report(sw)
         stage.push()
+        tracking.finish(stage.local, sw)
         return sw
     except Exception as e:  # Tune's own writes (experiment state, trial results) on a full disk
         if is_out_of_space(e):
@@ -496,7 +501,7 @@ def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
                                     reuse_actors=settings.workers_per_trial == 1),
         run_config=tune.RunConfig(
             name=name, **sweep.ray_storage(), verbose=0,
-            callbacks=[_Progress(sweep, base.train.epochs)],
+            callbacks=[_Progress(sweep, base.train.epochs), track.TrialLogger(sweep)],
             failure_config=tune.FailureConfig(max_failures=base.scale.max_failures),
             # The best checkpoint by val accuracy; Tune keeps the latest one too.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
