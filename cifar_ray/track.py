@@ -37,9 +37,10 @@ RECORD = "mlflow.json"  # in a run or sweep folder: {tracking_uri, experiment_id
 INSTALL = 'pip install -e ".[track]" in the cifar-ray clone (or: pip install mlflow-skinny)'
 TB_PREFIX = "ray/tune/"  # the tags of Tune's TBXLoggerCallback
 METRICS = rundir.METRIC_COLUMNS  # what an epoch reports: tracked for runs and trials alike
-# A tracking server that stops answering costs a few seconds once, not minutes of retries.
-_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-          "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# A tracking server that stops answering costs a few seconds once, not minutes of retries;
+# no "View run" line per MLflow run ended (one per trial): the driver says where it logs.
+_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def epoch_metrics(result: dict) -> dict[str, float]:
@@ -88,7 +89,7 @@ class MLflow:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise UserError(f"{where}: MLflow is not installed; run: {INSTALL}") from None
-        for key, value in _QUICK.items():
+        for key, value in _ENV.items():
             os.environ.setdefault(key, value)
         self.uri, self.echo, self.alive = uri, echo, True
         self.client = MlflowClient(uri)
@@ -130,14 +131,16 @@ class MLflow:
         Returns the record to keep (None once tracking is off)."""
         if record and record.get("tracking_uri") == self.uri and self.has_run(record["run_id"]):
             self("update_run", record["run_id"], status="RUNNING")
-            return record
-        exp = self.experiment(name)
-        run = self("create_run", exp, run_name=name, tags=tags) if exp else None
-        if run is None:
-            return None
-        self.log_params(run.info.run_id, values)
-        return {"tracking_uri": self.uri, "experiment_id": exp, "experiment": name,
-                "run_id": run.info.run_id}
+        else:
+            exp = self.experiment(name)
+            run = self("create_run", exp, run_name=name, tags=tags) if exp else None
+            if run is None:
+                return None
+            self.log_params(run.info.run_id, values)
+            record = {"tracking_uri": self.uri, "experiment_id": exp, "experiment": name,
+                      "run_id": run.info.run_id}
+        self.echo(f"MLflow: experiment {record['experiment']}, run {record['run_id']} at {self.uri}")
+        return record
 
     def has_run(self, run_id: str) -> bool:
         """Whether the run is there and not deleted (a server that fails: tracking off)."""

@@ -21,7 +21,8 @@ import yaml
 from click.testing import CliRunner
 
 from cifar_ray import config as C
-from cifar_ray import rundir, track
+from cifar_ray import rundir, storage, track
+from cifar_ray import sweepdir as D
 from cifar_ray.cli import main
 from helpers import SWEEP_BASE, tiny_spec
 
@@ -289,3 +290,20 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(ray_local, server, tmp
         # Tune's own TensorBoard files for the trial: the tags a train run writes too
         [folder] = out.glob(f"tune-*/{trial_id}")
         assert tensorboard_scalars(folder)["ray/tune/val_acc"] == [(e, pytest.approx(v)) for e, v in mine]
+    # --resume logs into the same parent; a trial that starts again continues its own run
+    again = cli("tune", "--resume", out)
+    assert again.exit_code == 0, again.output
+    assert f"MLflow: experiment sweep-tracked, run {parent.info.run_id}" in again.output
+    assert len(server.runs("sweep-tracked")) == 3
+    space, settings, _ = D.load_space(out)
+    with track.SweepTracking(storage.locate(out), resume=True) as tracking:
+        tracking.start(space, settings)
+        logger = tracking.trials()
+        logger.setup()
+        trial_id = sorted(children)[0]
+        trial = type("Trial", (), {"trial_id": trial_id,
+                                   "config": {"trial": {"model.args.filters": trials[trial_id]}}})()
+        logger.log_trial_start(trial)
+        assert logger._trial_runs[trial] == children[trial_id].info.run_id
+        tracking.finish(out, D.read_sweep(out))
+    assert len(server.runs("sweep-tracked")) == 3
