@@ -3,6 +3,7 @@ folder in a temp dir, on a free port of 127.0.0.1), read back through MLflow's c
 TensorBoard event files read back with TensorBoard's reader. Bad input first: the `track`
 extra missing, a server that does not answer or refuses."""
 
+import csv
 import http.server
 import json
 import os
@@ -264,7 +265,9 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(ray_local, server, tmp
     monkeypatch.delenv(track.ENV, raising=False)
     space = tmp_path / "space.yaml"
     base = {**SWEEP_BASE, "train": {**SWEEP_BASE["train"], "epochs": 2}}
-    space.write_text(yaml.safe_dump({"base": base, "grid": {"model.args.filters": [8, 16]}}))
+    nan = {"optim.lr": 1.0e12, "train.precision": "fp32"}  # fails in its first epoch
+    space.write_text(yaml.safe_dump({"base": base, "grid": {"model.args.filters": [8, 16]},
+                                     "variants": [{"name": "ok"}, {"name": "nan", "set": nan}]}))
     out = tmp_path / "sweep-tracked"
     result = cli("tune", "--space", space, "--data", DATA, "--grace", 2, "--out", out,
                  "--mlflow", server.uri)
@@ -276,16 +279,22 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(ray_local, server, tmp
     assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "2"
     pngs = {p.name for p in out.glob("*.png")}
     assert pngs and server.artifacts(parent.info.run_id) == {"report.md", *pngs}
+    with open(out / "trials.csv", newline="") as f:
+        trials = {t["trial_id"]: t for t in csv.DictReader(f)}
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    trials = {r["trial_id"]: r["model.args.filters"] for r in rows}
-    assert set(children) == set(trials) and len(trials) == 2
+    assert set(children) == set(trials) and len(trials) == 4
     for trial_id, child in children.items():
+        t, p = trials[trial_id], child.data.params
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.info.status == "FINISHED"
-        p = child.data.params
-        assert p["model.args.filters"] == str(trials[trial_id]) and p["model.args.depth"] == "2"
-        assert p["train.epochs"] == "2" and p["data.source"] == DATA
+        assert p["variant"] == t["variant"] and p["model.args.filters"] == t["model.args.filters"]
+        assert p["model.args.depth"] == "2" and p["train.epochs"] == "2" and p["data.source"] == DATA
+        if t["variant"] == "nan":
+            assert child.info.status == "FAILED" and p["optim.lr"] == "1000000000000.0"
+            assert "loss became nan at epoch 1" in child.data.tags["error"]
+            continue
+        assert child.info.status == "FINISHED" and p["optim.lr"] == "0.1"
         mine = sorted((r["epoch"], r["val_acc"]) for r in rows if r["trial_id"] == trial_id)
+        assert [e for e, _ in mine] == [1, 2]
         assert server.steps(child.info.run_id, "val_acc") == [(e, pytest.approx(v)) for e, v in mine]
         # Tune's own TensorBoard files for the trial: the tags a train run writes too
         [folder] = out.glob(f"tune-*/{trial_id}")
@@ -294,16 +303,15 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(ray_local, server, tmp
     again = cli("tune", "--resume", out)
     assert again.exit_code == 0, again.output
     assert f"MLflow: experiment sweep-tracked, run {parent.info.run_id}" in again.output
-    assert len(server.runs("sweep-tracked")) == 3
+    assert len(server.runs("sweep-tracked")) == 5
     space, settings, _ = D.load_space(out)
     with track.SweepTracking(storage.locate(out), resume=True) as tracking:
         tracking.start(space, settings)
         logger = tracking.trials()
         logger.setup()
         trial_id = sorted(children)[0]
-        trial = type("Trial", (), {"trial_id": trial_id,
-                                   "config": {"trial": {"model.args.filters": trials[trial_id]}}})()
+        trial = type("Trial", (), {"trial_id": trial_id, "config": {"trial": {}}})()
         logger.log_trial_start(trial)
         assert logger._trial_runs[trial] == children[trial_id].info.run_id
         tracking.finish(out, D.read_sweep(out))
-    assert len(server.runs("sweep-tracked")) == 3
+    assert len(server.runs("sweep-tracked")) == 5
