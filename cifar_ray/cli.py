@@ -47,6 +47,10 @@ def _config_from_options(config, sets, flags: dict, base: dict | None = None):
     return C.load_config(config, overrides, base=base)
 
 
+_MLFLOW = click.option("--mlflow", metavar="URI", envvar="CIFAR_RAY_MLFLOW", show_envvar=True,
+                       help="Log to this MLflow tracking server (needs the `track` extra).")
+
+
 @main.command()
 @click.option("--model", help="Registered model name (see `cifar-ray models list`) or a layer-spec YAML file.")
 @click.option("--data", help="Dataset: any SOURCE of `cifar-ray data prepare` (synthetic, cifar10, a folder or archive, a prepared dir).")
@@ -64,8 +68,9 @@ def _config_from_options(config, sets, flags: dict, base: dict | None = None):
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
 @click.option("--no-resource-check", is_flag=True, help="Start even if the Ray cluster lacks the CPUs/GPUs now (an autoscaler will add them).")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the workers' log lines.")
+@_MLFLOW
 def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config, sets, out,
-          resume, overwrite, no_resource_check, verbose):
+          resume, overwrite, no_resource_check, verbose, mlflow):
     """Train a model on Ray Train (DDP); checkpoints, curves and a summary go to --out.
 
     Ray runs locally unless RAY_ADDRESS names a cluster."""
@@ -95,7 +100,7 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
             raise UserError("--out DIR is required (the run directory to create)")
         cfg = _config_from_options(config, sets, flags)
     summary = T.run(cfg, out, resume=bool(resume), overwrite=overwrite,
-                    check_resources=not no_resource_check, verbose=verbose)
+                    check_resources=not no_resource_check, verbose=verbose, mlflow=mlflow)
     if summary.get("error"):
         click.echo(f"error: {summary['error']}", err=True)
         sys.exit(130 if summary["error"] == "interrupted" else 1)
@@ -196,9 +201,10 @@ def predict(target, images, top_k, tta, as_json):
 @click.option("--list-spaces", is_flag=True, help="List the built-in spaces and exit.")
 @click.option("--no-resource-check", is_flag=True, help="Start even if the cluster lacks a trial's CPUs/GPUs now (an autoscaler will add them).")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the trials' log lines.")
+@_MLFLOW
 def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, concurrent,
              workers_per_trial, gpus_per_trial, cpus_per_trial, limit, sets, out, resume,
-             overwrite, list_spaces, no_resource_check, verbose):
+             overwrite, list_spaces, no_resource_check, verbose, mlflow):
     """Run an ablation sweep on Ray Tune with ASHA early stopping; tables, the best config
     and a report go to --out.
 
@@ -243,14 +249,14 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
                          if v is not None)
         plan = sweep_space.plan(space, sweep_space.resolve_settings(space, flags), overrides,
                                 where="--data/--limit/--set")
-    _run_sweep(plan, out, bool(resume), overwrite, not no_resource_check, verbose)
+    _run_sweep(plan, out, bool(resume), overwrite, not no_resource_check, verbose, mlflow)
 
 
-def _run_sweep(plan, out, resume, overwrite, check_resources, verbose):
+def _run_sweep(plan, out, resume, overwrite, check_resources, verbose, mlflow=None):
     from cifar_ray import tune
 
     sw = tune.run(plan, out, resume=resume, overwrite=overwrite,
-                  check_resources=check_resources, verbose=verbose, echo=click.echo)
+                  check_resources=check_resources, verbose=verbose, echo=click.echo, mlflow=mlflow)
     _echo_summary(sw)
     unfinished = sw.planned - sum(t.status != "incomplete" for t in sw.trials)
     if unfinished > 0:

@@ -27,7 +27,7 @@ CHECKPOINTS = "checkpoints"
 # such a folder and no other; ".*.tmp" are the temp files of a killed write (fsutil).
 RUN = Kind("run", ("config.yaml", CHECKPOINTS),
            ("config.yaml", "metrics.csv", "curves.png", "summary.json", "report.md",
-            "confusion-*.png", CHECKPOINTS, ".*.tmp"))
+            "confusion-*.png", CHECKPOINTS, ".*.tmp", "events.out.tfevents.*", "mlflow.json"))
 STATE_FILE = "state.pt"
 EPOCH_FILE = "epoch.json"  # beside state.pt: {"epoch": N}, read without torch (checkpoint.py)
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")

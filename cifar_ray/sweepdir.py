@@ -41,7 +41,7 @@ TRAIN_DIR = "train"
 # What a sweep folder may hold: --overwrite replaces such a folder and no other.
 SWEEP = Kind("sweep", (SPACE_FILE,),
              (SPACE_FILE, STATUS_FILE, "results.parquet", "trials.csv", "best.yaml", "report.md",
-              "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp"))
+              "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp", "mlflow.json"))
 _TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
 
 

@@ -444,13 +444,16 @@ def check_run_dir(out: storage.Location, resume: bool, overwrite: bool, keep=())
 
 
 def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-        check_resources: bool = True, verbose: bool = False, echo=print) -> dict:
+        check_resources: bool = True, verbose: bool = False, echo=print,
+        mlflow: str | None = None) -> dict:
     """Train `cfg` into run directory `out` (a path or URI) on Ray Train; return the
-    summary."""
+    summary. `mlflow`: a tracking URI (see track.py)."""
     from cifar_ray.models import model_info
+    from cifar_ray.track import RunTracking
 
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
+    tracking = RunTracking(loc, mlflow, resume, echo)  # MLflow's server is asked now too
     cfg = C.portable(cfg)
     # Bad input fails before the data is prepared, Ray starts or DIR is written: the model
     # (again below with the data's classes), DIR, the batch size against the data, the cluster.
@@ -462,11 +465,12 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
         split = load_split(cfg)
         info = model_info(model, num_classes=len(split.classes), **cfg.model.args)
         check_batch(cfg, split.n_train, cfg.scale.workers)
-        with storage.Stage(loc) as stage:
+        with storage.Stage(loc) as stage, tracking:
             newest = resume_from(stage, cfg, echo) if resume else None
             data = [split]  # _run moves it into Ray's object store: one copy, not two
             del split
-            return _run(cfg, data, info, stage, newest, resume, check_resources, verbose, echo)
+            return _run(cfg, data, info, stage, newest, resume, check_resources, verbose, echo,
+                        tracking)
 
 
 def resume_from(stage: storage.Stage, cfg: C.Config, echo=print) -> dict | None:
@@ -534,7 +538,7 @@ def repair_ray_record(stage: storage.Stage, good: set[str]) -> None:
 
 
 def _run(cfg: C.Config, data: list[Split], info: dict, stage: storage.Stage, newest: dict | None,
-         resume: bool, check_resources: bool, verbose: bool, echo) -> dict:
+         resume: bool, check_resources: bool, verbose: bool, echo, tracking) -> dict:
     """The Ray part of `run`: start the trainer, follow it, write the run's files. `newest`:
     the checkpoint a resumed run continues from."""
     import ray
@@ -553,6 +557,7 @@ def _run(cfg: C.Config, data: list[Split], info: dict, stage: storage.Stage, new
     if not resume:  # after every check (run): a refusal writes nothing
         storage.make_new(stage.loc)
     C.save_config(cfg, out / "config.yaml")
+    tracking.start(stage, cfg)
     stage.push()
     history: dict[int, dict] = {}
     resume_ref = None
@@ -591,6 +596,7 @@ def _run(cfg: C.Config, data: list[Split], info: dict, stage: storage.Stage, new
                 history[item[1]["epoch"]] = item[1]
                 rows = [history[k] for k in sorted(history)]
                 rundir.write_metrics(rows, out / "metrics.csv")
+                tracking.epoch(item[1])
                 try:
                     stage.push()
                 except UserError as e:  # the store may be back by the next epoch
@@ -627,6 +633,7 @@ def _run(cfg: C.Config, data: list[Split], info: dict, stage: storage.Stage, new
         ray.shutdown()
     if error:
         summary["error"] = error
+    tracking.finish(summary)
     return summary
 
 

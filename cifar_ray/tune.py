@@ -46,6 +46,7 @@ from cifar_ray import checkpoint, faults, rundir, storage, train
 from cifar_ray import config as C
 from cifar_ray import space as S
 from cifar_ray import sweepdir as D
+from cifar_ray import track
 from cifar_ray.data.split import check_batch, load_split
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import is_out_of_space, out_of_space
@@ -341,13 +342,15 @@ def _quiet(verbose: bool) -> None:
 # ---------------------------------------------------------------- the driver
 
 def run(plan: S.Plan | None, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-        check_resources: bool = True, verbose: bool = False, echo=print) -> D.Sweep:
+        check_resources: bool = True, verbose: bool = False, echo=print,
+        mlflow: str | None = None) -> D.Sweep:
     """Run the sweep `plan` (see space.plan) into `out` (a path or URI), or with `resume`
     continue the one there (plan None); write the tables and the report; return the sweep
-    as read back."""
+    as read back. `mlflow`: a tracking URI (see track.py)."""
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
-    with storage.claimed(loc), storage.Stage(loc) as stage:  # one writer per folder
+    tracking = track.SweepTracking(loc, mlflow, resume, echo)  # MLflow's server is asked now
+    with storage.claimed(loc), storage.Stage(loc) as stage, tracking:  # one writer per folder
         experiment = None
         if resume:
             if not storage.exists(loc, D.SPACE_FILE):
@@ -363,11 +366,11 @@ def run(plan: S.Plan | None, out: str | Path, *, resume: bool = False, overwrite
         else:  # before the data is prepared and Ray starts
             storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
                               keep=(plan.base.data.source,))
-        return _run(plan, stage, experiment, check_resources, verbose, echo)
+        return _run(plan, stage, experiment, check_resources, verbose, echo, tracking)
 
 
 def _run(plan: S.Plan, stage: storage.Stage, experiment: storage.Location | None,
-         check_resources: bool, verbose: bool, echo) -> D.Sweep:
+         check_resources: bool, verbose: bool, echo, tracking: track.SweepTracking) -> D.Sweep:
     """The sweep into `stage.loc`: a new one, or with `experiment` (Tune's folder of the
     sweep) the continuation of an interrupted one."""
     from cifar_ray.report import publish
@@ -393,6 +396,7 @@ def _run(plan: S.Plan, stage: storage.Stage, experiment: storage.Location | None
         if not resume:
             storage.make_new(loc)
             storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(plan.space, settings, base)))
+        tracking.start(plan)
         echo(f"sweep {plan.space.name}: {len(plan.trials)} trials, up to {base.train.epochs} "
              f"epochs each (ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
              f"{'resuming' if resume else 'writing'} {loc.text}")
@@ -403,7 +407,9 @@ def _run(plan: S.Plan, stage: storage.Stage, experiment: storage.Location | None
                        experiment)
         tuner.fit()
         stage.pull()  # Tune's results, as it left them in the store
-        return publish(stage)
+        sw = publish(stage)
+        tracking.finish(stage.local, sw)
+        return sw
     except Exception as e:  # Tune's own writes (experiment state, trial results) on a full disk
         if is_out_of_space(e):
             raise out_of_space(loc.text, then=f" and continue with: cifar-ray tune --resume "
@@ -453,7 +459,7 @@ def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
                                     reuse_actors=settings.workers_per_trial == 1),
         run_config=tune.RunConfig(
             name=name, **sweep.ray_storage(), verbose=0,
-            callbacks=[_Progress(sweep, base.train.epochs)],
+            callbacks=[_Progress(sweep, base.train.epochs), track.TrialLogger(sweep)],
             failure_config=tune.FailureConfig(max_failures=base.scale.max_failures),
             # The best checkpoint by val accuracy; Tune keeps the latest one too.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1,

@@ -167,6 +167,7 @@ def test_train_to_s3_writes_the_run_dir_in_the_bucket(s3_run):
     for name in ("config.yaml", "metrics.csv", "curves.png", "summary.json"):
         assert name in names, names
     assert "checkpoints/epoch-0002/state.pt" in names
+    assert any(n.startswith("events.out.tfevents.") for n in names)  # TensorBoard's, uploaded too
     # --resume continued from epoch 1 (one new epoch line) to the raised total.
     assert "epoch   2/2" in resumed and "epoch   1/2" not in resumed
     rows = list(csv.DictReader(io.StringIO(read(uri, "metrics.csv").decode())))
