@@ -67,6 +67,18 @@ class _Rank:
         F.cross_entropy(self.model(self.x), self.y).backward()
         self.opt.step()
 
+    def allreduce(self, n: int) -> float:
+        """Seconds of one all-reduce of the model's gradient bytes alone (a flat fp32 buffer)."""
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.ones(sum(p.numel() for p in self.model.parameters()))
+        dist.all_reduce(flat)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            dist.all_reduce(flat)
+        return (time.perf_counter() - t0) / n
+
     def steps(self, n: int, sync: bool) -> float:
         import contextlib
 
@@ -89,10 +101,15 @@ def allreduce_share(nodes, model: str, batch: int, steps: int) -> dict:
     ray.get([r.steps.remote(1, False) for r in ranks])
     synced = max(ray.get([r.steps.remote(steps, True) for r in ranks]))
     local = max(ray.get([r.steps.remote(steps, False) for r in ranks]))
+    alone = max(ray.get([r.allreduce.remote(steps) for r in ranks]))
     for r in ranks:
         ray.kill(r)
+    # exposed: what a step loses to the sync (DDP overlaps its all-reduces with the backward
+    # pass); alone: the all-reduce of the gradient bytes by itself, against a local step
     return {"step_s_synced": round(synced, 4), "step_s_no_sync": round(local, 4),
-            "allreduce_share": round(max(0.0, 1 - local / synced), 3)}
+            "allreduce_s": round(alone, 4),
+            "allreduce_share_exposed": round(max(0.0, 1 - local / synced), 3),
+            "allreduce_share_alone": round(alone / (alone + local), 3)}
 
 
 def images_per_s(model: str, workers: int, batch: int, images: int, epochs: int,
@@ -134,12 +151,13 @@ def measure(args) -> None:
             out = {"bench": "scaling", "model": model, "params": info["params"],
                    "grad_mb": round(info["params"] * 4 / 2**20, 2), "macs": info["macs"],
                    "machine": platform.node(), "cpus": os.cpu_count(), "global_batch": batch}
-            for w in (1, 2):
+            for w in () if args.probe_only else (1, 2):
                 run_dir = f"{tmp}/{model}-{w}"
                 out[f"images_per_s_{w}w"] = round(images_per_s(model, w, batch, args.images,
                                                                 args.epochs, run_dir), 1)
                 shutil.rmtree(run_dir, ignore_errors=True)
-            out["speedup_2w"] = round(out["images_per_s_2w"] / out["images_per_s_1w"], 2)
+            if not args.probe_only:
+                out["speedup_2w"] = round(out["images_per_s_2w"] / out["images_per_s_1w"], 2)
             out.update(allreduce_share(nodes, model, batch // 2, args.steps))
             print(json.dumps(out), flush=True)
     finally:
@@ -225,6 +243,7 @@ def main() -> None:
     m.add_argument("--epochs", type=int, default=3)
     m.add_argument("--batch", type=int, default=64, help="global batch")
     m.add_argument("--steps", type=int, default=5, help="timed steps of the all-reduce probe")
+    m.add_argument("--probe-only", action="store_true", help="the all-reduce probe alone")
     t = sub.add_parser("model")
     t.add_argument("--models", default=",".join(MODELS))
     t.add_argument("--batch", type=int, default=512, help="global batch")
