@@ -14,7 +14,11 @@ before any trial starts. No Ray imports (tune.py turns a Space into Tune's param
     randint:    {model.args.filters: [16, 65]}    # integers in [low, high)
     variants:                  # named sets of overrides (each crossed with the grid)
       - {name: wide, set: {model.args.width: 2.0}, note: "why", reference: 0.41}
-    sweep: {samples: 8, seeds: 1, max_epochs: 10, grace: 1, reduction: 3}  # option defaults
+    sweep: {samples: 8, seeds: 1, max_epochs: 10, grace: 1, reduction: 3, search: random}
+
+`search: random` (the default) draws the distributions up front, every trial known before any
+starts; `search: optuna` lets Optuna's TPE propose each trial from the results so far
+(tune.py): it needs distributions only (no grid, no variants), `samples` is its trial count.
 
 Keys are dotted config keys (`cifar-ray train --set` syntax). A variant or value that sets
 `model.name` to another model starts that model's `model.args` empty: the base's args
@@ -38,6 +42,7 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("description", "base", "grid", *DISTRIBUTIONS, "variants", "sweep")
 VARIANT_KEYS = ("name", "set", "note", "reference")
 MAX_TRIALS = 10_000  # trials of one sweep: the list is built (and every trial checked) first
+SEARCHES = ("random", "optuna")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Settings:
     workers_per_trial: int = 1  # 1: the engine in the trial itself; >1: a TorchTrainer (DDP)
     gpus_per_trial: float = 0.0  # 1 worker: a GPU share (0.25 packs 4 on a GPU); >1: = workers
     cpus_per_trial: float = 1.0  # CPUs of a trial's workers together
+    search: str = "random"  # random: draws made up front; optuna: TPE proposes each trial
 
 
 @dataclass(frozen=True)
@@ -311,6 +317,11 @@ def resolve_settings(space: Space, flags: dict) -> Settings:
         if f.name in values:
             v = values[f.name]
             tp = type(getattr(out, f.name))
+            if tp is str:
+                if v not in SEARCHES:
+                    raise UserError(f"--{f.name} {shown(v)}: must be one of {', '.join(SEARCHES)}")
+                out = replace(out, **{f.name: v})
+                continue
             ok = _number(v) and (tp is float or isinstance(v, int))
             if not ok:
                 raise UserError(f"--{f.name.replace('_', '-')}: must be a{'n integer' if tp is int else ' number'}, got {shown(v)}")
@@ -362,6 +373,34 @@ def check_settings(space: Space, s: Settings) -> None:
     if w > 1 and s.cpus_per_trial < w:
         raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g} is less than one CPU for each of "
                         f"{w} workers; use --cpus-per-trial {w} or more")
+    if s.search == "optuna":
+        _check_optuna(space, s)
+
+
+# What Optuna's categorical distribution holds (TPE compares choices by value).
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _check_optuna(space: Space, s: Settings) -> None:
+    """TPE proposes values from distributions, one trial at a time: no grid or variants
+    (fixed lists to enumerate), no seed repeats, choices of plain values."""
+    fixed = [f"grid key {k}" for k in space.grid] + [f"variant {v.name}" for v in space.variants]
+    if fixed:
+        raise UserError(f"{space.source}: --search optuna proposes values from distributions "
+                        f"and cannot enumerate {', '.join(fixed)}; turn them into choice: "
+                        "lists, or use --search random")
+    if not space.dists:
+        raise UserError(f"{space.source}: --search optuna needs distributions "
+                        f"({', '.join(DISTRIBUTIONS)}) to search; the space has none")
+    if s.seeds > 1:
+        raise UserError(f"--seeds {s.seeds} with --search optuna: TPE proposes each configuration "
+                        "once; use --search random to repeat configurations over seeds")
+    for key, (kind, values) in space.dists.items():
+        bad = [v for v in values if not isinstance(v, _SCALARS)] if kind == "choice" else []
+        if bad:
+            raise UserError(f"{space.source}: choice.{key}: --search optuna takes choices of "
+                            f"numbers, words, true/false or null, got {shown(bad[0])}; use "
+                            "--search random for lists and mappings")
 
 
 def points(space: Space, settings: Settings) -> list[dict]:
@@ -405,33 +444,55 @@ def describe(params: dict) -> str:
 
 def check(space: Space, settings: Settings) -> list[dict]:
     """Build and check the config and the model of every trial the sweep will run (before
-    any starts); return their params (see `points`)."""
-    from cifar_ray.models import model_info
-
+    any starts); return their params (see `points`). With --search optuna these are the
+    draws random search would make: TPE proposes from the same space, and a space whose
+    draws fail is refused before it runs (a bad proposal later fails its trial alone)."""
     check_settings(space, settings)
     if settings.samples > 1 and not space.dists:
         raise UserError(f"--samples {settings.samples}: samples are draws from distributions "
                         f"({', '.join(DISTRIBUTIONS)}) and {space.source} has none; "
                         "use --seeds to repeat configurations")
-    count = settings.samples * max(1, len(space.variants)) * settings.seeds
-    for values in space.grid.values():
-        count *= len(values)
+    count = planned(space, settings)
     if count > MAX_TRIALS:
         raise UserError(f"{space.source}: {count:,} trials (samples x variants x grid x seeds), "
                         f"more than the {MAX_TRIALS:,} a sweep may run; sweep fewer values")
     models: set[str] = set()
     trials = points(space, settings)
     for params in trials:
-        where = f"{space.source}: {describe(params)}"
-        cfg = trial_config(space, settings, params, where)
-        key = repr((cfg.model.name, sorted(cfg.model.args.items())))
-        if key not in models:
-            try:
-                model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
-            models.add(key)
+        check_trial(space, settings, params, models)
     return trials
+
+
+def check_trial(space: Space, settings: Settings, params: dict, seen: set | None = None,
+                specs: dict | None = None) -> C.Config:
+    """The config of the trial with `params`, its model built on paper (shapes, MACs);
+    a bad one is refused naming the space and the trial. `seen` skips models checked
+    already; `specs` (spec file -> layers) gives the layers of spec files read before."""
+    from cifar_ray.models import model_info
+
+    where = f"{space.source}: {describe(params)}"
+    cfg = trial_config(space, settings, params, where)
+    if specs and cfg.model.name in specs:
+        cfg = C.replace(cfg, model__spec=specs[cfg.model.name])
+    key = repr((cfg.model.name, sorted(cfg.model.args.items())))
+    if seen is None or key not in seen:
+        try:
+            model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if seen is not None:
+            seen.add(key)
+    return cfg
+
+
+def planned(space: Space, settings: Settings) -> int:
+    """Trials the sweep runs in all."""
+    if settings.search == "optuna":
+        return settings.samples
+    count = settings.samples * max(1, len(space.variants)) * settings.seeds
+    for values in space.grid.values():
+        count *= len(values)
+    return count
 
 
 # ---------------------------------------------------------------- the space as resolved

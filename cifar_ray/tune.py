@@ -19,7 +19,21 @@ trial) and a GPU trial uploads them once.
 
 Resume. Tune keeps the experiment under DIR/tune-XXXXXX; `--resume DIR` restores it: finished
 trials stay finished, trials that were running restart from their last checkpoint, pending
-ones start. ASHA's rung records are saved beside it, so its decisions carry over too.
+ones start. ASHA's rung records are saved beside it, so its decisions carry over too, and
+so is the searcher's state (Tune saves it with the experiment): Optuna's study, with every
+trial it proposed and every result it was told, continues where it stopped.
+
+Search. `random` (the default): every trial's params are drawn up front (space.points) and
+handed to Tune as a grid of trials. `optuna`: Ray Tune's OptunaSearch (TPE, seeded by the
+base config's train.seed) proposes each trial from the space's distributions, told every
+finished trial's last validation accuracy (ASHA's stops included); the trial checks the
+config it was given and fails alone, with the reason, if a draw cannot be built.
+
+Time budget. `--time-budget` ends the sweep the way Ctrl-C does: Tune's own stop signal
+(SIGUSR1) saves the experiment with the running trials unfinished, so `--resume` continues
+them from their last checkpoint, with a new budget or none. (Tune's time_budget_s would mark
+them finished and save its spent budget with the experiment: a resumed sweep could
+continue neither.) DIR/budget.json records the budget and whether it ended the sweep.
 
 Storage. DIR may be a URI (s3://, gs://, ...; see storage.py): Tune and the trials write
 the experiment and checkpoints there themselves; the driver writes space.yaml and
@@ -33,7 +47,9 @@ import logging
 import math
 import os
 import secrets
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +61,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from cifar_ray import config as C
+from cifar_ray import cost
 from cifar_ray import faults
 from cifar_ray import rundir
 from cifar_ray import space as S
@@ -63,6 +80,7 @@ from cifar_ray.fsutil import atomic_write, is_out_of_space, out_of_space
 TRIAL_DRIVER = {"cpu": 0, "memory": 256 * 1024**2}
 ASHA_FILE = "asha.json"  # inside Tune's experiment folder: the scheduler's rung records
 TABLE_EVERY_S = 20.0  # seconds between progress tables
+PROBE_TIMEOUT_S = 300.0  # the cost probe's wait for a node with a trial's resources
 
 
 @dataclass(frozen=True)
@@ -110,13 +128,30 @@ class _ToTune(TuneReportCallback):
 
 def run_trial(config: dict, shared: Shared) -> None:
     """The Tune function of one trial (see the module docstring)."""
-    cfg = S.trial_config(shared.space, shared.settings, config["trial"])
-    if cfg.model.name in shared.specs:
-        cfg = C.replace(cfg, model__spec=shared.specs[cfg.model.name])
+    try:
+        cfg = _trial_config(config["trial"], shared)
+    except UserError as e:  # a proposal that cannot run: the trial fails with the reason
+        tune.report({"error": str(e), "val_acc": float("nan")})
+        return
     if shared.settings.workers_per_trial > 1:
         _run_trainer(cfg, shared)
     else:
         _run_engine(cfg, shared)
+
+
+def _trial_config(params: dict, shared: Shared) -> C.Config:
+    """The trial's config, with a spec file's layers as the driver read them. The driver
+    checked every trial of a random sweep; a proposed one is checked here, the same way."""
+    s = shared.settings
+    if s.search != "optuna":
+        cfg = S.trial_config(shared.space, s, params)
+        if cfg.model.name in shared.specs:
+            cfg = C.replace(cfg, model__spec=shared.specs[cfg.model.name])
+        return cfg
+    cfg = S.check_trial(shared.space, s, params, specs=shared.specs)
+    T.check_batch(cfg, len(ray.get(shared.data)["train_y"]), s.workers_per_trial,
+                  f"{shared.space.source}: {S.describe(params)}: train.batch_size")
+    return cfg
 
 
 def _run_engine(cfg: C.Config, shared: Shared) -> None:
@@ -198,8 +233,9 @@ def _trial_dirname(trial) -> str:
 
 
 class _Progress(tune.Callback):
-    """The driver's output: one line per trial that ends, a table every TABLE_EVERY_S, and
-    DIR/status.json (done / stopped / failed) kept up to date."""
+    """The driver's output: one line per trial that ends, a table every TABLE_EVERY_S (with
+    every running trial and how long it has run, first epoch or not), and DIR/status.json
+    (done / stopped / failed) kept up to date."""
 
     def __init__(self, sweep: storage.Location, max_epochs: int):
         self.sweep, self.max_epochs = sweep, max_epochs
@@ -211,6 +247,7 @@ class _Progress(tune.Callback):
         except (UserError, ValueError):
             self.status = {}
         self.best: dict = {}  # trial id -> best val acc so far
+        self.started: dict = {}  # trial id -> when it (re)started, time.monotonic()
 
     def _say(self, line: str) -> None:
         print(line, flush=True)
@@ -239,6 +276,9 @@ class _Progress(tune.Callback):
             if chance is not None and epochs >= 2 and not best >= rundir.LEARNED * chance:
                 what += f", did not learn (never above {rundir.LEARNED:g}x chance)"
         self._say(f"{state:<8} {trial.trial_id}  {self._label(trial)}: {what}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.monotonic()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         acc = result.get("val_acc")
@@ -283,11 +323,55 @@ class _Progress(tune.Callback):
             label = next((self._label(t) for t in trials if t.trial_id == tid), "")
             line += f" | best val acc {self.best[tid]:.4f} ({tid}: {label})"
         self._say(line)
+        now = time.monotonic()
         for t in running:
             r = t.last_result or {}
-            if "epoch" in r:
-                self._say(f"  running  {t.trial_id}  epoch {r['epoch']}/{self.max_epochs}  "
-                          f"val acc {r.get('val_acc', float('nan')):.4f}  {self._label(t)}")
+            took = cost.format_duration(now - self.started.get(t.trial_id, self.t0))
+            where = (f"epoch {r['epoch']}/{self.max_epochs}  val acc "
+                     f"{r.get('val_acc', float('nan')):.4f}" if "epoch" in r else
+                     f"epoch 1/{self.max_epochs} not done yet")
+            self._say(f"  running  {t.trial_id}  {took:>6}  {where}  {self._label(t)}")
+
+
+class _Budget(tune.Callback):
+    """Ends the sweep once its time budget is spent, counted from the first step: Tune's
+    stop signal saves the experiment with the unfinished trials resumable (see the module
+    docstring). The budget is read from DIR/budget.json at setup, not kept in the callback,
+    because a resumed sweep gets its callbacks back from Tune's saved tuner: the new
+    --time-budget (or none) is the one the driver wrote for this run."""
+
+    def __init__(self, sweep: storage.Location):
+        self.sweep = sweep
+
+    def setup(self, **info):
+        self.budget = read_budget(self.sweep)
+        self.t0 = None
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+
+    def on_step_end(self, iteration, trials, **info):
+        b = self.budget
+        if b.get("seconds") is None or b.get("ended") or time.monotonic() - self.t0 < b["seconds"]:
+            return
+        b["ended"] = True
+        running = sum(t.status == "RUNNING" for t in trials)
+        print(f"time budget {b['text']} spent: stopping {running} running trial"
+              f"{'s' * (running != 1)} and starting no more", flush=True)
+        try:
+            storage.write(self.sweep, D.BUDGET_FILE, json.dumps(b))
+        except UserError as e:
+            print(f"warning: {e}", flush=True)
+        signal.raise_signal(signal.SIGUSR1)  # Tune's handler: stop, save, return from fit
+
+
+def read_budget(sweep: storage.Location) -> dict:
+    try:
+        data = json.loads(storage.read_bytes(sweep, D.BUDGET_FILE))
+    except (UserError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def worker_cpus(s: S.Settings) -> int:
@@ -352,7 +436,7 @@ def _quiet(verbose: bool) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
     if not verbose:
-        for name in ("ray.tune", "ray.train", "ray.air"):
+        for name in ("ray.tune", "ray.train", "ray.air", "optuna"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
@@ -367,11 +451,21 @@ def _shared_arrays(arrays: dict) -> dict:
 
 # ---------------------------------------------------------------- the driver
 
-def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool = False,
+def run(space: S.Space, settings: S.Settings, out: str | Path | None, *, resume: bool = False,
         overwrite: bool = False, check_resources: bool = True, verbose: bool = False,
-        echo=print) -> D.Sweep:
+        time_budget: str | None = None, dry_run: bool = False, echo=print) -> D.Sweep | None:
     """Run (or with `resume`, continue) the sweep of `space` into `out` (a path or URI);
-    write the tables and the report; return the sweep as read back."""
+    write the tables and the report; return the sweep as read back. `time_budget` (`90m`)
+    ends it when spent, resumable; `dry_run` prints the cost estimate only, writing nothing
+    and returning None."""
+    budget = None
+    if time_budget is not None:
+        budget = {"seconds": cost.parse_duration(time_budget), "text": time_budget}
+        if threading.current_thread() is not threading.main_thread():
+            raise UserError("--time-budget: the sweep must run on the main thread (Tune stops "
+                            "it with a signal)")
+    if dry_run:
+        return _run(space, settings, None, None, overwrite, check_resources, verbose, echo)
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
     with storage.claimed(loc), storage.Stage(loc) as stage:  # one writer per folder
@@ -387,35 +481,43 @@ def run(space: S.Space, settings: S.Settings, out: str | Path, *, resume: bool =
                                 f"{D.TUNE_PREFIX}*/tuner.pkl); run it again with --overwrite")
             experiment = loc.sub(exp.name)
         return _run(space, settings, stage, experiment, overwrite, check_resources, verbose,
-                    echo)
+                    echo, budget)
 
 
-def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
+def _run(space: S.Space, settings: S.Settings, stage: storage.Stage | None,
          experiment: storage.Location | None, overwrite: bool, check_resources: bool,
-         verbose: bool, echo) -> D.Sweep:
+         verbose: bool, echo, budget: dict | None = None) -> D.Sweep | None:
     """The sweep into `stage.loc`: a new one, or with `experiment` (Tune's folder of the
-    sweep) the continuation of an interrupted one."""
+    sweep) the continuation of an interrupted one; without a stage, the cost estimate only."""
     from cifar_ray.report import sweep_report
 
-    loc, resume = stage.loc, experiment is not None
-    if not resume:
+    loc, resume, dry_run = stage and stage.loc, experiment is not None, stage is None
+    if not resume and not dry_run:
         # before the data is prepared and Ray starts
         storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
                           keep=((space.base.get("data") or {}).get("source"),))
     S.check_settings(space, settings)
+    if settings.search == "optuna":
+        _need_optuna()
     settings = replace(settings, max_epochs=S.max_epochs(settings, space.base))
     base = S.base_config(space, settings, space.source)
     base = T.absolute_paths(base)
     space = replace(space, base=C.to_dict(base))
     trials = S.check(space, settings)  # every trial's config and model, before anything runs
     split = T.load_split(base)
-    specs = {}
+    n_train, n_val = len(split["train_y"]), len(split["val_y"])
+    specs, configs = {}, []
     for params in trials:  # every trial's batch against the data, before Ray starts
         cfg = S.trial_config(space, settings, params)
         if Path(cfg.model.name).is_file() and cfg.model.name not in specs:
             specs[cfg.model.name] = T.absolute_paths(cfg).model.spec
-        T.check_batch(cfg, len(split["train_y"]), settings.workers_per_trial,
+        T.check_batch(cfg, n_train, settings.workers_per_trial,
                       f"{space.source}: {S.describe(params)}: train.batch_size")
+        configs.append((S.describe(params), C.replace(cfg, model__spec=specs.get(cfg.model.name, cfg.model.spec))))
+    for name in space.dists.get("model.name", ("", []))[1]:  # any a proposal may name
+        if isinstance(name, str) and Path(name).is_file() and name not in specs:
+            specs[name] = T.absolute_paths(C.replace(base, model__name=name, model__args={},
+                                                     model__spec=[])).model.spec
     arrays = _shared_arrays(split)
     del split
     started_ray = not ray.is_initialized()
@@ -427,19 +529,29 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage,
     T.init_ray(verbose=verbose, dashboard=settings.workers_per_trial > 1)
     try:
         p = plan(settings, check_resources)
+        if not resume:
+            for line in _cost(configs, settings, n_train, n_val, p):
+                echo(line)
+        if dry_run:
+            return None
         if settings.workers_per_trial > 1 and check_resources:
             check_state_api()
         T.check_shared(loc, echo)
         if not resume:
             storage.make_new(loc)
             storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(space, settings, base)))
-        echo(f"sweep {space.name}: {len(trials)} trials, up to {base.train.epochs} epochs each "
-             f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g}); "
-             f"{'resuming' if resume else 'writing'} {loc.text}")
+        # this run's budget (a resumed sweep's earlier one is over): _Budget reads it
+        storage.write(loc, D.BUDGET_FILE, json.dumps(budget or {}))
+        how = (f"Optuna TPE proposing {settings.samples} trials" if settings.search == "optuna"
+               else f"{len(trials)} trials")
+        echo(f"sweep {space.name}: {how}, up to {base.train.epochs} epochs each "
+             f"(ASHA: grace {settings.grace}, reduction {settings.reduction:g})"
+             + (f", time budget {budget['text']}" if budget else "")
+             + f"; {'resuming' if resume else 'writing'} {loc.text}")
         shared = Shared(ray.put(arrays), space, settings, loc, specs)
         del arrays  # the object store holds the one copy now
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), p.resources)
-        tuner = _tuner(trainable, trials, settings, base, loc, p, experiment)
+        tuner = _tuner(trainable, space, trials, settings, base, loc, p, experiment)
         tuner.fit()
         stage.pull()  # Tune's results, as it left them in the store
         sw = D.read_sweep(stage.local, location=loc.text)
@@ -475,8 +587,67 @@ def _out_of_memory(error: BaseException | None) -> bool:
     return False
 
 
-def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
-           sweep: storage.Location, p: Plan, experiment: storage.Location | None):
+def _need_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError("--search optuna needs Optuna: pip install optuna (or install "
+                        "cifar-ray with its tracking extra: pip install -e \".[track]\")") from None
+
+
+def _domain(kind: str, spec: list):
+    """A space's distribution as Tune's: what OptunaSearch turns into Optuna's."""
+    if kind == "choice":
+        return tune.choice(spec)
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform,
+            "randint": tune.randint}[kind](*spec)
+
+
+def _search(space: S.Space, trials: list[dict], settings: S.Settings, base: C.Config) -> dict:
+    """The Tuner's param_space and the TuneConfig arguments of the search."""
+    if settings.search != "optuna":
+        return {"param_space": {"trial": tune.grid_search(trials)}}
+    from ray.tune.search.optuna import OptunaSearch
+
+    space_ = {key: _domain(kind, spec) for key, (kind, spec) in space.dists.items()}
+    return {"param_space": {"trial": space_}, "search_alg": OptunaSearch(seed=base.train.seed),
+            "num_samples": settings.samples}
+
+
+def _cost(configs: list[tuple[str, C.Config]], s: S.Settings, n_train: int, n_val: int,
+          p: Plan) -> list[str]:
+    """The cost estimate's lines, probed on a node of the cluster with a trial's resources."""
+    sized = [(label, cfg, cost.macs(cfg)) for label, cfg in configs]
+    light, heavy = min(sized, key=lambda t: t[2]), max(sized, key=lambda t: t[2])
+    multi, gpu = s.workers_per_trial > 1, s.gpus_per_trial > 0
+    threads = worker_cpus(s) if multi else max(1, int(s.cpus_per_trial))
+    task = ray.remote(cost.probe).options(num_cpus=threads,
+                                          num_gpus=(1 if multi else s.gpus_per_trial) if gpu else 0)
+    refs = {m: task.remote(cfg, gpu, threads, s.workers_per_trial)
+            for _, cfg, m in (light, heavy)}
+    try:
+        probes = [cost.Probed(m, sec) for m, sec in zip(refs, ray.get(list(refs.values()),
+                                                                        timeout=PROBE_TIMEOUT_S))]
+    except ray.exceptions.GetTimeoutError:
+        for ref in refs.values():
+            ray.cancel(ref, force=True)
+        return [f"cost: not estimated (no node took the probe within {PROBE_TIMEOUT_S:.0f} s)"]
+    total = ray.cluster_resources()
+    slots = p.concurrent or max(1, min(int(total.get("CPU", 0) // s.cpus_per_trial),
+                                       int(total.get("GPU", 0) // s.gpus_per_trial) if gpu
+                                       else len(configs)))
+    where = (f"{s.workers_per_trial} workers x {threads} CPU" if multi else
+             f"{s.cpus_per_trial:g} CPU") + (f" + {s.gpus_per_trial:g} GPU" if gpu else "")
+    est = cost.estimate([(label, m) for label, _, m in sized], probes, n_train=n_train,
+                        n_val=n_val, max_epochs=s.max_epochs, grace=s.grace,
+                        reduction=s.reduction, slots=min(slots, len(configs)),
+                        workers=s.workers_per_trial, gpu=gpu, where=where)
+    return est.lines(proposed=s.search == "optuna")
+
+
+def _tuner(trainable, space: S.Space, trials: list[dict], settings: S.Settings,
+           base: C.Config, sweep: storage.Location, p: Plan,
+           experiment: storage.Location | None):
     if experiment is not None:
         return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False,
@@ -484,11 +655,12 @@ def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
     name = D.TUNE_PREFIX + secrets.token_hex(3)
     scheduler = _ASHA(sweep.sub(name), time_attr="epoch", max_t=base.train.epochs,
                       grace_period=settings.grace, reduction_factor=settings.reduction)
+    search = _search(space, trials, settings, base)
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(trials)},
+        param_space=search.pop("param_space"),
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=p.concurrent,
+                                    max_concurrent_trials=p.concurrent, **search,
                                     trial_dirname_creator=_trial_dirname,
                                     # Reusing a multi-worker trial's actor fails: Tune waits 2 s
                                     # for the trial's thread, still in TorchTrainer.fit's teardown,
@@ -496,7 +668,7 @@ def _tuner(trainable, trials: list[dict], settings: S.Settings, base: C.Config,
                                     reuse_actors=settings.workers_per_trial == 1),
         run_config=tune.RunConfig(
             name=name, **sweep.ray_storage(), verbose=0,
-            callbacks=[_Progress(sweep, base.train.epochs)],
+            callbacks=[_Progress(sweep, base.train.epochs), _Budget(sweep)],
             failure_config=tune.FailureConfig(max_failures=base.scale.max_failures),
             # The best checkpoint by val accuracy; Tune keeps the latest one too.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
