@@ -48,8 +48,10 @@ def parse_duration(text: str, flag: str = "--time-budget") -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """`42s`, `3m05s`, `2h10m`: the shape a person reads at a glance."""
-    s = int(round(max(0.0, seconds)))
+    """`4.2s`, `42s`, `3m05s`, `2h10m`: the shape a person reads at a glance."""
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f}s"
+    s = int(round(seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:
