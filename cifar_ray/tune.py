@@ -509,11 +509,13 @@ def _run(space: S.Space, settings: S.Settings, stage: storage.Stage | None,
     specs, configs = {}, []
     for params in trials:  # every trial's batch against the data, before Ray starts
         cfg = S.trial_config(space, settings, params)
-        if Path(cfg.model.name).is_file() and cfg.model.name not in specs:
-            specs[cfg.model.name] = T.absolute_paths(cfg).model.spec
+        if Path(cfg.model.name).is_file():
+            if cfg.model.name not in specs:
+                specs[cfg.model.name] = T.absolute_paths(cfg).model.spec
+            cfg = C.replace(cfg, model__spec=specs[cfg.model.name])
         T.check_batch(cfg, n_train, settings.workers_per_trial,
                       f"{space.source}: {S.describe(params)}: train.batch_size")
-        configs.append((S.describe(params), C.replace(cfg, model__spec=specs.get(cfg.model.name, cfg.model.spec))))
+        configs.append((S.describe(params), cfg))  # for the cost estimate
     for name in space.dists.get("model.name", ("", []))[1]:  # any a proposal may name
         if isinstance(name, str) and Path(name).is_file() and name not in specs:
             specs[name] = T.absolute_paths(C.replace(base, model__name=name, model__args={},

@@ -133,7 +133,7 @@ def test_the_table_lists_every_running_trial_from_its_start(tmp_path, capsys, mo
     from cifar_ray import tune as TU
 
     clock = [1000.0]
-    monkeypatch.setattr(TU.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(TU, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     progress = TU._Progress(storage.locate(str(tmp_path)), max_epochs=3)
     progress.setup()
 
