@@ -25,7 +25,12 @@ from cifar_ray import sweepdir as D
 from cifar_ray.cli import main
 from helpers import SWEEP_BASE
 
-pytest.importorskip("optuna")
+
+
+@pytest.fixture(autouse=True)
+def _optuna(request):
+    if "without_optuna" not in request.node.name:
+        pytest.importorskip("optuna")
 
 
 def write_space(path: Path, **data) -> str:
@@ -122,6 +127,16 @@ def test_what_tpe_cannot_search_is_refused_in_one_line(tmp_path, space, flags, m
              "--out", tmp_path / "o")
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert r.output.startswith("error: ") and message in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_search_optuna_without_optuna_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna: ImportError
+    path = write_space(tmp_path / "s.yaml", choice={"optim.lr": [0.1, 0.2]})
+    r = tune("--space", path, "--data", "synthetic:200", "--search", "optuna", "--out",
+             tmp_path / "o")
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert r.output.startswith("error: --search optuna needs Optuna: pip install optuna")
     assert not (tmp_path / "o").exists()
 
 
