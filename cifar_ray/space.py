@@ -387,11 +387,8 @@ def _check_optuna(space: Space, s: Settings) -> None:
     fixed = [f"grid key {k}" for k in space.grid] + [f"variant {v.name}" for v in space.variants]
     if fixed:
         raise UserError(f"{space.source}: --search optuna proposes values from distributions "
-                        f"and cannot enumerate {', '.join(fixed)}; turn them into choice: "
-                        "lists, or use --search random")
-    if not space.dists:
-        raise UserError(f"{space.source}: --search optuna needs distributions "
-                        f"({', '.join(DISTRIBUTIONS)}) to search; the space has none")
+                        f"and cannot enumerate {', '.join(fixed)}; make them choice keys, or "
+                        "use --search random")
     if s.seeds > 1:
         raise UserError(f"--seeds {s.seeds} with --search optuna: TPE proposes each configuration "
                         "once; use --search random to repeat configurations over seeds")
