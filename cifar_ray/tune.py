@@ -42,6 +42,7 @@ status.json straight to it, and the tables and report in a local stage it then u
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -591,7 +592,7 @@ def _out_of_memory(error: BaseException | None) -> bool:
 
 def _need_optuna() -> None:
     try:
-        import optuna  # noqa: F401
+        importlib.import_module("optuna")
     except ImportError:
         raise UserError("--search optuna needs Optuna: pip install optuna (or install "
                         "cifar-ray with its tracking extra: pip install -e \".[track]\")") from None
