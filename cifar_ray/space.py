@@ -14,7 +14,11 @@ before any trial starts. No Ray imports (tune.py turns a Space into Tune's param
     randint:    {model.args.filters: [16, 65]}    # integers in [low, high)
     variants:                  # named sets of overrides (each crossed with the grid)
       - {name: wide, set: {model.args.width: 2.0}, note: "why", reference: 0.41}
-    sweep: {samples: 8, seeds: 1, max_epochs: 10, grace: 1, reduction: 3}  # option defaults
+    sweep: {samples: 8, seeds: 1, max_epochs: 10, grace: 1, reduction: 3, search: random}
+
+`search: random` (the default) draws the distributions up front, every trial known before any
+starts; `search: optuna` lets Optuna's TPE propose each trial from the results so far
+(tune.py): it needs distributions only (no grid, no variants), `samples` is its trial count.
 
 Keys are dotted config keys (`cifar-ray train --set` syntax). A variant or value that sets
 `model.name` to another model starts that model's `model.args` empty: the base's args
@@ -39,6 +43,7 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("description", "base", "grid", *DISTRIBUTIONS, "variants", "sweep")
 VARIANT_KEYS = ("name", "set", "note", "reference")
 MAX_TRIALS = 10_000  # trials of one sweep: the list is built (and every trial checked) first
+SEARCHES = ("random", "optuna")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Settings:
     workers_per_trial: int = 1  # 1: the engine in the trial itself; >1: a TorchTrainer (DDP)
     gpus_per_trial: float = 0.0  # 1 worker: a GPU share (0.25 packs 4 on a GPU); >1: = workers
     cpus_per_trial: float = 1.0  # CPUs of a trial's workers together
+    search: str = "random"  # random: draws made up front; optuna: TPE proposes each trial
 
 
 @dataclass(frozen=True)
@@ -287,6 +293,8 @@ def resolve_settings(space: Space, flags: dict) -> Settings:
                 return UserError(f"--{f.name.replace('_', '-')}: must be {what}, got {shown(v)}")
 
             out = replace(out, **{f.name: typed(type(getattr(out, f.name)), v, bad)})
+    if out.search not in SEARCHES:
+        raise UserError(f"--search {shown(out.search)}: must be one of {', '.join(SEARCHES)}")
     return out
 
 
@@ -334,6 +342,31 @@ def check_settings(space: Space, s: Settings) -> None:
     if w > 1 and s.cpus_per_trial < w:
         raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g} is less than one CPU for each of "
                         f"{w} workers; use --cpus-per-trial {w} or more")
+    if s.search == "optuna":
+        _check_optuna(space, s)
+
+
+# What Optuna's categorical distribution holds (TPE compares choices by value).
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _check_optuna(space: Space, s: Settings) -> None:
+    """TPE proposes values from distributions, one trial at a time: no grid or variants
+    (fixed lists to enumerate), no seed repeats, choices of plain values."""
+    fixed = [f"grid key {k}" for k in space.grid] + [f"variant {v.name}" for v in space.variants]
+    if fixed:
+        raise UserError(f"{space.source}: --search optuna proposes values from distributions "
+                        f"and cannot enumerate {', '.join(fixed)}; make them choice keys, or "
+                        "use --search random")
+    if s.seeds > 1:
+        raise UserError(f"--seeds {s.seeds} with --search optuna: TPE proposes each configuration "
+                        "once; use --search random to repeat configurations over seeds")
+    for key, (kind, values) in space.dists.items():
+        bad = [v for v in values if not isinstance(v, _SCALARS)] if kind == "choice" else []
+        if bad:
+            raise UserError(f"{space.source}: choice.{key}: --search optuna takes choices of "
+                            f"numbers, words, true/false or null, got {shown(bad[0])}; use "
+                            "--search random for lists and mappings")
 
 
 def points(space: Space, settings: Settings) -> list[dict]:
@@ -380,7 +413,9 @@ def label(params: dict, seed: bool = True) -> str:
 
 
 def trial_count(space: Space, settings: Settings) -> int:
-    """Trials the sweep runs: samples x variants x grid x seeds."""
+    """Trials the sweep runs: samples x variants x grid x seeds (Optuna: samples)."""
+    if settings.search == "optuna":
+        return settings.samples
     count = settings.samples * max(1, len(space.variants)) * settings.seeds
     for values in space.grid.values():
         count *= len(values)
@@ -404,14 +439,31 @@ class Plan:
             cfg = C.replace(cfg, model__spec=self.specs[cfg.model.name])
         return cfg
 
+    def checked(self, params: dict) -> C.Config:
+        """`trial`, its model built on paper too: for a trial the driver did not see (an
+        Optuna proposal); a bad one is refused naming the space and the trial."""
+        where = f"{self.space.source}: {label(params)}"
+        cfg = self.trial(params, where)
+        _check_model(cfg, where)
+        return cfg
+
+
+def _check_model(cfg: C.Config, where: str) -> None:
+    from cifar_ray.models import model_info
+
+    try:
+        model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
 
 def plan(space: Space, settings: Settings, overrides: dict | None = None,
          where: str = "--set") -> Plan:
     """The one way from a space, its settings and base overrides (`where` names them in
     messages) to the base config and every trial's config: each setting, config and model
-    checked once, before anything is prepared or started."""
-    from cifar_ray.models import model_info
-
+    checked once, before anything is prepared or started. With --search optuna the trials
+    are the draws random search would make: TPE proposes from the same space, so a space
+    whose draws fail is refused before it runs (a bad proposal later fails its trial alone)."""
     if overrides:
         space = replace(space, base=C.apply(space.base, overrides))
         C.from_dict(space.base, where)
@@ -435,16 +487,17 @@ def plan(space: Space, settings: Settings, overrides: dict | None = None,
         cfg = trial_config(space, settings, params, where)
         key = repr((cfg.model.name, sorted(cfg.model.args.items())))
         if key not in checked:
-            try:
-                model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
+            _check_model(cfg, where)
             checked.add(key)
         if Path(cfg.model.name).is_file():
             if cfg.model.name not in specs:
                 specs[cfg.model.name] = C.portable(cfg).model.spec
             cfg = C.replace(cfg, model__spec=specs[cfg.model.name])
         trials.append((params, cfg))
+    for name in space.dists.get("model.name", ("", []))[1]:  # any that a proposal may name
+        if isinstance(name, str) and Path(name).is_file() and name not in specs:
+            specs[name] = C.portable(C.replace(base, model__name=name, model__args={},
+                                               model__spec=[])).model.spec
     return Plan(space, settings, base, tuple(trials), specs)
 
 

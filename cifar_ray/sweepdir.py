@@ -3,6 +3,8 @@
     DIR/space.yaml       the space as resolved: full base config + every sweep setting
                          (a space file itself: `--space DIR/space.yaml` reruns the sweep)
     DIR/status.json      trial id -> done | stopped | failed (+ reason), kept by the driver
+    DIR/budget.json      the last run's --time-budget ({} without one), "ended": true once
+                         it stopped the sweep
     DIR/results.parquet  one row per trial-epoch: trial_id, every swept key, the metrics
     DIR/trials.csv       one row per trial: swept keys, best val acc, epochs, stopped early,
                          checkpoint (relative to DIR)
@@ -36,13 +38,15 @@ from cifar_ray.values import is_finite, is_int, is_number
 
 SPACE_FILE = "space.yaml"
 STATUS_FILE = "status.json"
+BUDGET_FILE = "budget.json"
 TUNE_PREFIX = "tune-"  # DIR/tune-<6 hex>: Ray Tune's experiment
 TRAIN_DIR = "train"
 # What a sweep folder may hold: --overwrite replaces such a folder and no other.
 SWEEP = Kind("sweep", (SPACE_FILE,),
-             (SPACE_FILE, STATUS_FILE, "results.parquet", "trials.csv", "best.yaml", "report.md",
-              "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp", "mlflow.json"))
-_TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
+             (SPACE_FILE, STATUS_FILE, BUDGET_FILE, "results.parquet", "trials.csv", "best.yaml",
+              "report.md", "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp", "mlflow.json"))
+# Tune's trial id (<run>_NNNNN, or 8 hex digits when a searcher proposes), + a suffix
+_TRIAL_DIR = re.compile(r"^(.+_\d{5}|[0-9a-f]{8})(?:_[0-9a-f]{4})?$")
 
 
 def is_sweep(path: Path) -> bool:
@@ -97,6 +101,7 @@ class Sweep:
     trials: list[Trial]  # those that started (have a folder)
     planned: int = 0  # trials the sweep will run in all
     location: str = ""  # the sweep's path or URI, as shown to the user (default: path)
+    budget: dict = field(default_factory=dict)  # DIR/budget.json: {seconds, text, ended}
 
     def shown(self, *parts: str) -> str:
         from cifar_ray.storage import join
@@ -128,8 +133,8 @@ def experiment_dir(sweep: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_status(sweep: Path) -> dict:
-    path = Path(sweep) / STATUS_FILE
+def read_status(sweep: Path, name: str = STATUS_FILE) -> dict:
+    path = Path(sweep) / name
     try:
         status = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -254,7 +259,8 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
         if pick is not None:
             trial.checkpoint = _relative(ckpts[pick], sweep)
         trials.append(trial)
-    return Sweep(sweep, space, settings, base, trials, S.trial_count(space, settings), location)
+    return Sweep(sweep, space, settings, base, trials, S.trial_count(space, settings), location,
+                 read_status(sweep, BUDGET_FILE))
 
 
 # ---------------------------------------------------------------- writing the tables
