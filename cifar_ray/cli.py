@@ -41,10 +41,10 @@ def main():
 
 def _config_from_options(config, sets, flags: dict, base: dict | None = None):
     """--config, then --set, then explicit flags (the most specific wins)."""
-    from cifar_ray import config as C
+    from cifar_ray.config import load_config
 
     overrides = list(sets) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    return C.load_config(config, overrides, base=base)
+    return load_config(config, overrides, base=base)
 
 
 _MLFLOW = click.option("--mlflow", metavar="URI", envvar="CIFAR_RAY_MLFLOW", show_envvar=True,
@@ -74,9 +74,9 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
     """Train a model on Ray Train (DDP); checkpoints, curves and a summary go to --out.
 
     Ray runs locally unless RAY_ADDRESS names a cluster."""
-    from cifar_ray import config as C
     from cifar_ray import storage
-    from cifar_ray import train as T
+    from cifar_ray.config import read_yaml
+    from cifar_ray.train import run
 
     flags = {"model.name": model, "data.source": data, "train.epochs": epochs,
              "train.batch_size": batch_size, "optim.lr": lr, "scale.workers": workers,
@@ -92,15 +92,15 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
                             f"(got {', '.join(changed) or '--config/--set'})")
         if not storage.exists(loc, "config.yaml"):
             raise UserError(f"--resume {resume}: not a run directory (no config.yaml)")
-        saved = C.read_yaml(loc.sub("config.yaml").text, "run config")
+        saved = read_yaml(loc.sub("config.yaml").text, "run config")
         cfg = _config_from_options(None, (), {"train.epochs": epochs}, base=saved)
         out = loc.text
     else:
         if not out:
             raise UserError("--out DIR is required (the run directory to create)")
         cfg = _config_from_options(config, sets, flags)
-    summary = T.run(cfg, out, resume=bool(resume), overwrite=overwrite,
-                    check_resources=not no_resource_check, verbose=verbose, mlflow=mlflow)
+    summary = run(cfg, out, resume=bool(resume), overwrite=overwrite,
+                  check_resources=not no_resource_check, verbose=verbose, mlflow=mlflow)
     if summary.get("error"):
         click.echo(f"error: {summary['error']}", err=True)
         sys.exit(130 if summary["error"] == "interrupted" else 1)
@@ -263,7 +263,7 @@ def tune_cmd(space_name, data, samples, search, time_budget, dry_run, seeds, max
         overrides = dict(parse_override(item) for item in sets)
         overrides.update((k, v) for k, v in (("data.source", data), ("data.limit", limit))
                          if v is not None)
-        plan = sweep_space.plan(space, sweep_space.resolve_settings(space, flags), overrides,
+        plan = sweep_space.plan_sweep(space, sweep_space.resolve_settings(space, flags), overrides,
                                 where="--data/--limit/--set")
     _run_sweep(plan, out, bool(resume), overwrite, not no_resource_check, verbose, mlflow,
                time_budget, dry_run)
@@ -291,10 +291,10 @@ def _run_sweep(plan, out, resume, overwrite, check_resources, verbose, mlflow=No
 
 
 def _echo_summary(sw) -> None:
-    from cifar_ray import sweepdir as D
+    from cifar_ray.sweepdir import best_trial
     from cifar_ray.report import trial_label
 
-    best = D.best_trial(sw)
+    best = best_trial(sw)
     counts = {s: sum(t.status == s for t in sw.trials) for s in ("done", "stopped", "failed")}
     click.echo(f"{sw.planned} trials: {counts['done']} done, {counts['stopped']} stopped by "
                f"ASHA, {counts['failed']} failed"

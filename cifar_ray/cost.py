@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from cifar_ray import config as C
+from cifar_ray.config import Config, replace
 from cifar_ray.errors import UserError, shown
 
 PROBE_STEPS = 2  # batches in the measured epoch (and in the warm-up epoch before it)
@@ -61,14 +61,14 @@ def format_duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------- the probe
 
-def macs(cfg: C.Config) -> int:
+def macs(cfg: Config) -> int:
     """Multiply-accumulates of one forward pass of one image through the config's model."""
     from cifar_ray.models import model_info
 
     return int(model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)["macs"])
 
 
-def probe(cfg: C.Config, gpu: bool = False, threads: int = 1, workers: int = 1) -> float:
+def probe(cfg: Config, gpu: bool = False, threads: int = 1, workers: int = 1) -> float:
     """Seconds per training image of `cfg`'s model here: the engine's loop on random images,
     PROBE_STEPS batches of one worker's batch (CPU: at most CPU_PROBE_BATCH), one warm-up
     epoch and one measured."""
@@ -90,7 +90,7 @@ def probe(cfg: C.Config, gpu: bool = False, threads: int = 1, workers: int = 1) 
     none = (images[:0], labels[:0])
     split = Split(train=(images, labels), val=none, classes=[str(i) for i in range(10)],
                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    cfg = C.replace(cfg, train__epochs=2, train__batch_size=batch, train__fail_on_nan=False)
+    cfg = replace(cfg, train__epochs=2, train__batch_size=batch, train__fail_on_nan=False)
     t0 = time.perf_counter()
     history = engine.fit(cfg, split, device=device)
     measured = history[-1]["seconds"]

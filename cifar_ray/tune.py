@@ -60,14 +60,12 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from cifar_ray import checkpoint, cost, faults, rundir, storage, train
-from cifar_ray import config as C
-from cifar_ray import space as S
-from cifar_ray import sweepdir as D
-from cifar_ray import track
+from cifar_ray import checkpoint, cost, faults, rundir, storage, sweepdir, track, train
+from cifar_ray.config import Config
 from cifar_ray.data.split import check_batch, load_split
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import is_out_of_space, out_of_space
+from cifar_ray.space import Plan, Settings, Space, label, plan_sweep, resolved
 
 # The Tune function of a multi-worker trial only waits on its TorchTrainer: it holds no CPU,
 # so trial drivers can never take the CPUs their own workers need (nested Tune + Train
@@ -85,7 +83,7 @@ PROBE_TIMEOUT_S = 300.0  # the cost probe's wait for a node with a trial's resou
 class Shared:
     """What every trial reads, put in the object store once (with_parameters)."""
     data: object  # ObjectRef of the split (a multi-worker trial hands it on)
-    plan: S.Plan  # the sweep as resolved (without its list of trials: params come from Tune)
+    plan: Plan  # the sweep as resolved (without its list of trials: params come from Tune)
     sweep: storage.Location
 
 
@@ -131,7 +129,7 @@ def run_trial(config: dict, shared: Shared) -> None:
         _run_engine(cfg, shared)
 
 
-def _trial_config(params: dict, shared: Shared) -> C.Config:
+def _trial_config(params: dict, shared: Shared) -> Config:
     """The trial's config. The driver checked every trial of a random sweep; a proposed one
     is checked here, the same way."""
     plan, s = shared.plan, shared.plan.settings
@@ -139,11 +137,11 @@ def _trial_config(params: dict, shared: Shared) -> C.Config:
         return plan.trial(params)
     cfg = plan.checked(params)
     check_batch(cfg, ray.get(shared.data).n_train, s.workers_per_trial,
-                f"{plan.space.source}: {S.label(params)}: train.batch_size")
+                f"{plan.space.source}: {label(params)}: train.batch_size")
     return cfg
 
 
-def _run_engine(cfg: C.Config, shared: Shared) -> None:
+def _run_engine(cfg: Config, shared: Shared) -> None:
     import torch
 
     from cifar_ray import engine
@@ -158,12 +156,12 @@ def _run_engine(cfg: C.Config, shared: Shared) -> None:
         tune.report({"error": str(e), "val_acc": float("nan")})
 
 
-def _run_trainer(cfg: C.Config, shared: Shared) -> None:
+def _run_trainer(cfg: Config, shared: Shared) -> None:
     s = shared.plan.settings
     trial_id = tune.get_context().get_trial_id()
     res = train.Resources(s.workers_per_trial, worker_cpus(s), s.gpus_per_trial > 0)
     # Same name and storage on --resume: Ray Train continues from the run's last checkpoint.
-    trainer = train.make_trainer(cfg, shared.data, res, shared.sweep.sub(D.TRAIN_DIR),
+    trainer = train.make_trainer(cfg, shared.data, res, shared.sweep.sub(sweepdir.TRAIN_DIR),
                              f"train-{trial_id}", callbacks=[_ToTune()])
     trainer.run_config.failure_config.controller_failure_limit = 1  # fail, don't hang
     trainer.fit()
@@ -228,7 +226,7 @@ class _Progress(tune.Callback):
     def setup(self, **info):
         self.t0 = self.last_table = time.monotonic()
         try:
-            self.status = json.loads(storage.read_bytes(self.sweep, D.STATUS_FILE))
+            self.status = json.loads(storage.read_bytes(self.sweep, sweepdir.STATUS_FILE))
         except (UserError, ValueError):
             self.status = {}
         self.best: dict = {}  # trial id -> best val acc so far
@@ -238,12 +236,12 @@ class _Progress(tune.Callback):
         print(line, flush=True)
 
     def _label(self, trial) -> str:
-        return S.label(trial.config.get("trial", {}))
+        return label(trial.config.get("trial", {}))
 
     def _end(self, trial, state: str, reason: str = "") -> None:
         self.status[trial.trial_id] = {"status": state, **({"reason": reason} if reason else {})}
         try:
-            storage.write(self.sweep, D.STATUS_FILE, D.status_text(self.status))
+            storage.write(self.sweep, sweepdir.STATUS_FILE, sweepdir.status_text(self.status))
         except UserError as e:  # the report still reads each trial's own results
             self._say(f"warning: {e}")
         r = trial.last_result or {}
@@ -276,7 +274,7 @@ class _Progress(tune.Callback):
             self._end(trial, "done" if r.get("epoch", 0) >= self.max_epochs else "stopped")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        reason = D._error_reason(Path(trial.local_path)) if trial.local_path else ""
+        reason = sweepdir._error_reason(Path(trial.local_path)) if trial.local_path else ""
         self._end(trial, "failed", reason or "the trial crashed (see its error.txt)")
 
     def on_step_end(self, iteration, trials, **info):
@@ -303,8 +301,8 @@ class _Progress(tune.Callback):
         line = f"[{elapsed // 60}m{elapsed % 60:02d}s] " + ", ".join(f"{v} {k}" for k, v in counts.items())
         if self.best:
             tid = max(self.best, key=self.best.get)
-            label = next((self._label(t) for t in trials if t.trial_id == tid), "")
-            line += f" | best val acc {self.best[tid]:.4f} ({tid}: {label})"
+            best = next((self._label(t) for t in trials if t.trial_id == tid), "")
+            line += f" | best val acc {self.best[tid]:.4f} ({tid}: {best})"
         self._say(line)
         now = time.monotonic()
         for t in running:
@@ -345,7 +343,7 @@ class _Budget(tune.Callback):
         print(f"time budget {b['text']} spent: stopping {running} running trial"
               f"{'s' * (running != 1)} and starting no more", flush=True)
         try:
-            storage.write(self.sweep, D.BUDGET_FILE, json.dumps(b))
+            storage.write(self.sweep, sweepdir.BUDGET_FILE, json.dumps(b))
         except UserError as e:
             print(f"warning: {e}", flush=True)
         signal.raise_signal(signal.SIGUSR1)  # Tune's handler: stop, save, return from fit
@@ -353,13 +351,13 @@ class _Budget(tune.Callback):
 
 def read_budget(sweep: storage.Location) -> dict:
     try:
-        data = json.loads(storage.read_bytes(sweep, D.BUDGET_FILE))
+        data = json.loads(storage.read_bytes(sweep, sweepdir.BUDGET_FILE))
     except (UserError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def worker_cpus(s: S.Settings) -> int:
+def worker_cpus(s: Settings) -> int:
     """CPUs (and threads) of each DDP worker of a multi-worker trial."""
     return max(1, int(s.cpus_per_trial // s.workers_per_trial))
 
@@ -370,7 +368,7 @@ class Placement:
     concurrent: int | None  # max_concurrent_trials
 
 
-def place(settings: S.Settings, check: bool = True) -> Placement:
+def place(settings: Settings, check: bool = True) -> Placement:
     """Each trial's resources and the concurrency cap; refuses a trial larger than the
     cluster (Ray would wait for it forever)."""
     s = settings
@@ -427,11 +425,11 @@ def _quiet(verbose: bool) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def run(plan: S.Plan | None, out: str | Path | None, *, resume: bool = False,
+def run(plan: Plan | None, out: str | Path | None, *, resume: bool = False,
         overwrite: bool = False, check_resources: bool = True, verbose: bool = False,
         echo=print, mlflow: str | None = None, time_budget: str | None = None,
-        dry_run: bool = False) -> D.Sweep | None:
-    """Run the sweep `plan` (see space.plan) into `out` (a path or URI), or with `resume`
+        dry_run: bool = False) -> sweepdir.Sweep | None:
+    """Run the sweep `plan` (see space.plan_sweep) into `out` (a path or URI), or with `resume`
     continue the one there (plan None); write the tables and the report; return the sweep
     as read back. `mlflow`: a tracking URI (see track.py); `time_budget` (`90m`) ends the
     sweep when spent, resumable; `dry_run` prints the cost estimate only, writing nothing
@@ -450,25 +448,25 @@ def run(plan: S.Plan | None, out: str | Path | None, *, resume: bool = False,
     with storage.claimed(loc), storage.Stage(loc) as stage, tracking:  # one writer per folder
         experiment = None
         if resume:
-            if not storage.exists(loc, D.SPACE_FILE):
-                raise UserError(f"--resume {loc.text}: not a sweep directory (no {D.SPACE_FILE})")
+            if not storage.exists(loc, sweepdir.SPACE_FILE):
+                raise UserError(f"--resume {loc.text}: not a sweep directory (no {sweepdir.SPACE_FILE})")
             stage.pull()
-            space, settings, _ = D.load_space(stage.local)
-            plan = S.plan(space, settings)
-            exp = D.experiment_dir(stage.local)
+            space, settings, _ = sweepdir.load_space(stage.local)
+            plan = plan_sweep(space, settings)
+            exp = sweepdir.experiment_dir(stage.local)
             if exp is None or not (exp / "tuner.pkl").is_file():
                 raise UserError(f"--resume {loc.text}: the sweep never started (no "
-                                f"{D.TUNE_PREFIX}*/tuner.pkl); run it again with --overwrite")
+                                f"{sweepdir.TUNE_PREFIX}*/tuner.pkl); run it again with --overwrite")
             experiment = loc.sub(exp.name)
         else:  # before the data is prepared and Ray starts
-            storage.check_new(loc, overwrite, D.SWEEP, f"--resume {loc.text}",
+            storage.check_new(loc, overwrite, sweepdir.SWEEP, f"--resume {loc.text}",
                               keep=(plan.base.data.source,))
         return _run(plan, stage, experiment, check_resources, verbose, echo, tracking, budget)
 
 
-def _run(plan: S.Plan, stage: storage.Stage | None, experiment: storage.Location | None,
+def _run(plan: Plan, stage: storage.Stage | None, experiment: storage.Location | None,
          check_resources: bool, verbose: bool, echo, tracking: track.SweepTracking | None = None,
-         budget: dict | None = None) -> D.Sweep | None:
+         budget: dict | None = None) -> sweepdir.Sweep | None:
     """The sweep into `stage.loc`: a new one, or with `experiment` (Tune's folder of the
     sweep) the continuation of an interrupted one; without a stage, the cost estimate only."""
     from cifar_ray.report import publish
@@ -481,7 +479,7 @@ def _run(plan: S.Plan, stage: storage.Stage | None, experiment: storage.Location
     n_train, n_val = split.n_train, len(split.val[1])
     for params, cfg in plan.trials:  # every trial's batch against the data, before Ray starts
         check_batch(cfg, n_train, settings.workers_per_trial,
-                    f"{plan.space.source}: {S.label(params)}: train.batch_size")
+                    f"{plan.space.source}: {label(params)}: train.batch_size")
     started_ray = not ray.is_initialized()
     _quiet(verbose)
     # A multi-worker trial's TorchTrainer reserves its workers' CPUs in a placement group that
@@ -492,7 +490,7 @@ def _run(plan: S.Plan, stage: storage.Stage | None, experiment: storage.Location
     try:
         p = place(settings, check_resources)
         if not resume:
-            configs = [(S.label(params), cfg) for params, cfg in plan.trials]
+            configs = [(label(params), cfg) for params, cfg in plan.trials]
             for line in _cost(configs, settings, n_train, n_val, p):
                 echo(line)
         if dry_run:
@@ -502,9 +500,9 @@ def _run(plan: S.Plan, stage: storage.Stage | None, experiment: storage.Location
         train.check_shared(loc, echo)
         if not resume:
             storage.make_new(loc)
-            storage.write(loc, D.SPACE_FILE, _yaml(S.resolved(plan.space, settings, base)))
+            storage.write(loc, sweepdir.SPACE_FILE, _yaml(resolved(plan.space, settings, base)))
         # this run's budget (a resumed sweep's earlier one is over): _Budget reads it
-        storage.write(loc, D.BUDGET_FILE, json.dumps(budget or {}))
+        storage.write(loc, sweepdir.BUDGET_FILE, json.dumps(budget or {}))
         tracking.start(plan)
         how = (f"Optuna TPE proposing {settings.samples} trials" if settings.search == "optuna"
                else f"{len(plan.trials)} trials")
@@ -566,7 +564,7 @@ def _domain(kind: str, spec: list):
             "randint": tune.randint}[kind](*spec)
 
 
-def _search(space: S.Space, trials: list[dict], settings: S.Settings, base: C.Config) -> dict:
+def _search(space: Space, trials: list[dict], settings: Settings, base: Config) -> dict:
     """The Tuner's param_space and the TuneConfig arguments of the search."""
     if settings.search != "optuna":
         return {"param_space": {"trial": tune.grid_search(trials)}}
@@ -577,10 +575,10 @@ def _search(space: S.Space, trials: list[dict], settings: S.Settings, base: C.Co
             "num_samples": settings.samples}
 
 
-def _cost(configs: list[tuple[str, C.Config]], s: S.Settings, n_train: int, n_val: int,
+def _cost(configs: list[tuple[str, Config]], s: Settings, n_train: int, n_val: int,
           p: Placement) -> list[str]:
     """The cost estimate's lines, probed on a node of the cluster with a trial's resources."""
-    sized = [(label, cfg, cost.macs(cfg)) for label, cfg in configs]
+    sized = [(name, cfg, cost.macs(cfg)) for name, cfg in configs]
     light, heavy = min(sized, key=lambda t: t[2]), max(sized, key=lambda t: t[2])
     multi, gpu = s.workers_per_trial > 1, s.gpus_per_trial > 0
     threads = worker_cpus(s) if multi else max(1, int(s.cpus_per_trial))
@@ -601,21 +599,21 @@ def _cost(configs: list[tuple[str, C.Config]], s: S.Settings, n_train: int, n_va
                                        else len(configs)))
     where = (f"{s.workers_per_trial} workers x {threads} CPU" if multi else
              f"{s.cpus_per_trial:g} CPU") + (f" + {s.gpus_per_trial:g} GPU" if gpu else "")
-    est = cost.estimate([(label, m) for label, _, m in sized], probes, n_train=n_train,
+    est = cost.estimate([(name, m) for name, _, m in sized], probes, n_train=n_train,
                         n_val=n_val, max_epochs=s.max_epochs, grace=s.grace,
                         reduction=s.reduction, slots=min(slots, len(configs)),
                         workers=s.workers_per_trial, gpu=gpu, where=where)
     return est.lines(proposed=s.search == "optuna")
 
 
-def _tuner(trainable, space: S.Space, trials: list[dict], settings: S.Settings,
-           base: C.Config, sweep: storage.Location, p: Placement,
+def _tuner(trainable, space: Space, trials: list[dict], settings: Settings,
+           base: Config, sweep: storage.Location, p: Placement,
            experiment: storage.Location | None):
     if experiment is not None:
         return tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False,
                                   storage_filesystem=experiment.fs if experiment.remote else None)
-    name = D.TUNE_PREFIX + secrets.token_hex(3)
+    name = sweepdir.TUNE_PREFIX + secrets.token_hex(3)
     scheduler = _ASHA(sweep.sub(name), time_attr="epoch", max_t=base.train.epochs,
                       grace_period=settings.grace, reduction_factor=settings.reduction)
     search = _search(space, trials, settings, base)

@@ -165,7 +165,7 @@ def test_a_proposal_that_cannot_run_fails_its_trial_with_the_reason(ray_local, t
     from cifar_ray.data.split import Split
 
     space = S.load_space(path)
-    plan = S.plan(space, S.resolve_settings(space, {"search": "optuna", "samples": 1}))
+    plan = S.plan_sweep(space, S.resolve_settings(space, {"search": "optuna", "samples": 1}))
     none = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))
     data = Split(train=(np.zeros((200, 32, 32, 3), np.uint8), np.zeros(200, np.int64)),
                  val=none, classes=["a", "b"], mean=(0.5,) * 3, std=(0.25,) * 3)
