@@ -86,7 +86,7 @@ def sweep(images: int, trials: int, epochs: int, copied: bool = False) -> dict:
         TU.load_split = lambda cfg, **_: shared(cfg, nchw=False)
     with tempfile.TemporaryDirectory() as tmp, Sampler() as s:
         t0 = time.perf_counter()
-        sw = TU.run(S.plan(space, settings), Path(tmp) / "sweep", echo=lambda *a: None)
+        sw = TU.run(S.plan_sweep(space, settings), Path(tmp) / "sweep", echo=lambda *a: None)
         wall = time.perf_counter() - t0
     TU.load_split = shared
     done = sum(t.status == "done" for t in sw.trials)

@@ -47,7 +47,7 @@ def sweep(space: S.Space, **flags) -> float:
     settings = S.resolve_settings(space, {"grace": space.base["train"]["epochs"], **flags})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        TU.run(S.plan(space, settings), Path(tmp) / "sweep", echo=lambda *a: None)
+        TU.run(S.plan_sweep(space, settings), Path(tmp) / "sweep", echo=lambda *a: None)
         return time.perf_counter() - t0
 
 

@@ -38,7 +38,7 @@ def main() -> None:
 
     space = S.load_space(a.space)
     settings = S.resolve_settings(space, {"max_epochs": a.max_epochs or None, "samples": 1})
-    plan = S.plan(space, settings, {"data.source": a.data, "data.limit": a.limit,
+    plan = S.plan_sweep(space, settings, {"data.source": a.data, "data.limit": a.limit,
                                     "train.precision": "auto"})  # as `tune` runs it
     space, settings, base = plan.space, plan.settings, plan.base
     only = set(filter(None, a.only.split(",")))

@@ -41,10 +41,10 @@ def main():
 
 def _config_from_options(config, sets, flags: dict, base: dict | None = None):
     """--config, then --set, then explicit flags (the most specific wins)."""
-    from cifar_ray import config as C
+    from cifar_ray.config import load_config
 
     overrides = list(sets) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    return C.load_config(config, overrides, base=base)
+    return load_config(config, overrides, base=base)
 
 
 _MLFLOW = click.option("--mlflow", metavar="URI", envvar="CIFAR_RAY_MLFLOW", show_envvar=True,
@@ -74,9 +74,9 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
     """Train a model on Ray Train (DDP); checkpoints, curves and a summary go to --out.
 
     Ray runs locally unless RAY_ADDRESS names a cluster."""
-    from cifar_ray import config as C
     from cifar_ray import storage
-    from cifar_ray import train as T
+    from cifar_ray.config import read_yaml
+    from cifar_ray.train import run
 
     flags = {"model.name": model, "data.source": data, "train.epochs": epochs,
              "train.batch_size": batch_size, "optim.lr": lr, "scale.workers": workers,
@@ -92,15 +92,15 @@ def train(model, data, epochs, batch_size, lr, workers, gpu, limit, seed, config
                             f"(got {', '.join(changed) or '--config/--set'})")
         if not storage.exists(loc, "config.yaml"):
             raise UserError(f"--resume {resume}: not a run directory (no config.yaml)")
-        saved = C.read_yaml(loc.sub("config.yaml").text, "run config")
+        saved = read_yaml(loc.sub("config.yaml").text, "run config")
         cfg = _config_from_options(None, (), {"train.epochs": epochs}, base=saved)
         out = loc.text
     else:
         if not out:
             raise UserError("--out DIR is required (the run directory to create)")
         cfg = _config_from_options(config, sets, flags)
-    summary = T.run(cfg, out, resume=bool(resume), overwrite=overwrite,
-                    check_resources=not no_resource_check, verbose=verbose, mlflow=mlflow)
+    summary = run(cfg, out, resume=bool(resume), overwrite=overwrite,
+                  check_resources=not no_resource_check, verbose=verbose, mlflow=mlflow)
     if summary.get("error"):
         click.echo(f"error: {summary['error']}", err=True)
         sys.exit(130 if summary["error"] == "interrupted" else 1)
@@ -182,7 +182,12 @@ def predict(target, images, top_k, tta, as_json):
 @main.command("tune")
 @click.option("--space", "space_name", metavar="NAME|FILE", help="A built-in space (see --list-spaces) or a space YAML file.")
 @click.option("--data", help="Dataset for every trial (any SOURCE of `cifar-ray data prepare`); prepared and loaded once.")
-@click.option("--samples", type=int, help="Draws from the space's distributions (each crossed with its variants, grid and seeds).")
+@click.option("--samples", type=int, help="Draws from the space's distributions (each crossed with its variants, grid and seeds); with --search optuna, the number of trials.")
+@click.option("--search", type=click.Choice(["random", "optuna"]), help="random (default): draws made up front; optuna: "
+              "Optuna's TPE proposes each trial from the results so far (distributions only; needs optuna).")
+@click.option("--time-budget", metavar="DURATION", help="Stop the sweep when this is spent (45s, 90m, 2h): running trials stop "
+              "at their last epoch, no more start; --resume DIR continues it (with a new --time-budget or none).")
+@click.option("--dry-run", is_flag=True, help="Print the estimated cost of the sweep on this cluster and exit; writes nothing.")
 @click.option("--seeds", type=int, help="Seeds per configuration; the report then tells real differences from seed noise.")
 @click.option("--max-epochs", type=int, help="Epochs of a trial ASHA never stops (default: the space's base train.epochs).")
 @click.option("--grace", type=int, help="ASHA: epochs every trial runs before it may be stopped (default 1).")
@@ -202,9 +207,9 @@ def predict(target, images, top_k, tta, as_json):
 @click.option("--no-resource-check", is_flag=True, help="Start even if the cluster lacks a trial's CPUs/GPUs now (an autoscaler will add them).")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the trials' log lines.")
 @_MLFLOW
-def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, concurrent,
-             workers_per_trial, gpus_per_trial, cpus_per_trial, limit, sets, out, resume,
-             overwrite, list_spaces, no_resource_check, verbose, mlflow):
+def tune_cmd(space_name, data, samples, search, time_budget, dry_run, seeds, max_epochs, grace,
+             reduction, concurrent, workers_per_trial, gpus_per_trial, cpus_per_trial, limit,
+             sets, out, resume, overwrite, list_spaces, no_resource_check, verbose, mlflow):
     """Run an ablation sweep on Ray Tune with ASHA early stopping; tables, the best config
     and a report go to --out.
 
@@ -213,7 +218,11 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
     one worker per trial the trial runs the engine directly (a TorchTrainer would cost ~20 s
     of worker start/stop per trial and buy nothing); with --workers-per-trial N it builds a
     TorchTrainer with N DDP workers. All trials read one copy of the data in Ray's object
-    store. Ctrl-C or a killed driver: `cifar-ray tune --resume DIR` continues."""
+    store. Ctrl-C or a killed driver: `cifar-ray tune --resume DIR` continues.
+
+    Before the first trial it prints what the sweep will cost here (MACs per image of each
+    trial's model x images x epochs, timed by a short probe on the cluster); --dry-run
+    prints only that."""
     from cifar_ray import space as sweep_space
     from cifar_ray import storage
     from cifar_ray.config import parse_override
@@ -222,7 +231,11 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
         for name, path in sweep_space.builtin_spaces().items():
             click.echo(f"{name:<14} {sweep_space.load_space(str(path)).description}")
         return
-    flags = {"samples": samples, "seeds": seeds, "max_epochs": max_epochs, "grace": grace,
+    if time_budget is not None:
+        from cifar_ray.cost import parse_duration
+
+        parse_duration(time_budget)  # a bad one fails now, before anything starts
+    flags = {"samples": samples, "search": search, "seeds": seeds, "max_epochs": max_epochs, "grace": grace,
              "reduction": reduction, "concurrent": concurrent,
              "workers_per_trial": workers_per_trial, "gpus_per_trial": gpus_per_trial,
              "cpus_per_trial": cpus_per_trial}
@@ -230,6 +243,9 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
         given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
         given += [f for f, v in (("--space", space_name), ("--data", data), ("--limit", limit),
                                  ("--set", sets), ("--overwrite", overwrite)) if v]
+        if dry_run:
+            raise UserError(f"--dry-run estimates a new sweep before it starts; --resume "
+                            f"{resume} continues one that started (use one of them)")
         if given:
             raise UserError(f"--resume {resume}: a resumed sweep keeps its space and options "
                             f"(got {', '.join(given)})")
@@ -239,7 +255,7 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
     else:
         if not space_name:
             raise UserError("--space NAME|FILE is required (see cifar-ray tune --list-spaces)")
-        if not out:
+        if not out and not dry_run:
             raise UserError("--out DIR is required (the sweep directory to create)")
         space = sweep_space.load_space(space_name)
         if data is None and "source" not in (space.base.get("data") or {}):
@@ -247,29 +263,38 @@ def tune_cmd(space_name, data, samples, seeds, max_epochs, grace, reduction, con
         overrides = dict(parse_override(item) for item in sets)
         overrides.update((k, v) for k, v in (("data.source", data), ("data.limit", limit))
                          if v is not None)
-        plan = sweep_space.plan(space, sweep_space.resolve_settings(space, flags), overrides,
+        plan = sweep_space.plan_sweep(space, sweep_space.resolve_settings(space, flags), overrides,
                                 where="--data/--limit/--set")
-    _run_sweep(plan, out, bool(resume), overwrite, not no_resource_check, verbose, mlflow)
+    _run_sweep(plan, out, bool(resume), overwrite, not no_resource_check, verbose, mlflow,
+               time_budget, dry_run)
 
 
-def _run_sweep(plan, out, resume, overwrite, check_resources, verbose, mlflow=None):
+def _run_sweep(plan, out, resume, overwrite, check_resources, verbose, mlflow=None,
+               time_budget=None, dry_run=False):
     from cifar_ray import tune
 
     sw = tune.run(plan, out, resume=resume, overwrite=overwrite,
-                  check_resources=check_resources, verbose=verbose, echo=click.echo, mlflow=mlflow)
+                  check_resources=check_resources, verbose=verbose, echo=click.echo,
+                  mlflow=mlflow, time_budget=time_budget, dry_run=dry_run)
+    if sw is None:  # --dry-run
+        return
     _echo_summary(sw)
     unfinished = sw.planned - sum(t.status != "incomplete" for t in sw.trials)
-    if unfinished > 0:
+    if unfinished > 0 and sw.budget.get("ended"):
+        click.echo(f"the time budget {sw.budget.get('text')} ended the sweep with {unfinished} of "
+                   f"{sw.planned} trials unfinished; continue with: cifar-ray tune --resume "
+                   f"{sw.shown()} --time-budget DURATION")
+    elif unfinished > 0:
         click.echo(f"error: sweep interrupted with {unfinished} of {sw.planned} trials unfinished; "
                    f"continue with: cifar-ray tune --resume {sw.shown()}", err=True)
         sys.exit(1)
 
 
 def _echo_summary(sw) -> None:
-    from cifar_ray import sweepdir as D
+    from cifar_ray.sweepdir import best_trial
     from cifar_ray.report import trial_label
 
-    best = D.best_trial(sw)
+    best = best_trial(sw)
     counts = {s: sum(t.status == s for t in sw.trials) for s in ("done", "stopped", "failed")}
     click.echo(f"{sw.planned} trials: {counts['done']} done, {counts['stopped']} stopped by "
                f"ASHA, {counts['failed']} failed"

@@ -301,6 +301,13 @@ def sweep_report(sw) -> Path:
               + f". ASHA on validation accuracy: grace {st.grace} epoch{'s' * (st.grace != 1)}, reduction {st.reduction:g}; "
               f"{st.seeds} seed(s) per configuration. Data: `{sw.base.data.source}`"
               + (f" (limit {sw.base.data.limit})" if sw.base.data.limit else "") + ".", ""]
+    if sw.settings.search == "optuna":
+        lines += [f"Search: Optuna's TPE proposed each trial from the results before it "
+                  f"(seed {sw.base.train.seed}).", ""]
+    if sw.budget.get("ended"):
+        lines += [f"**The time budget ({sw.budget.get('text', '?')}) ended this sweep**: the trials "
+                  "running then stopped at their last finished epoch and no more started; "
+                  f"`cifar-ray tune --resume {sw.shown()} --time-budget DURATION` continues it.", ""]
     best = best_trial(sw)
     if best is not None:
         lines += [f"**Best: {best.best_val_acc:.4f}** validation accuracy, trial `{best.trial_id}` "

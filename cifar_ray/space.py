@@ -14,7 +14,11 @@ before any trial starts. No Ray imports (tune.py turns a Space into Tune's param
     randint:    {model.args.filters: [16, 65]}    # integers in [low, high)
     variants:                  # named sets of overrides (each crossed with the grid)
       - {name: wide, set: {model.args.width: 2.0}, note: "why", reference: 0.41}
-    sweep: {samples: 8, seeds: 1, max_epochs: 10, grace: 1, reduction: 3}  # option defaults
+    sweep: {samples: 8, seeds: 1, max_epochs: 10, grace: 1, reduction: 3, search: random}
+
+`search: random` (the default) draws the distributions up front, every trial known before any
+starts; `search: optuna` lets Optuna's TPE propose each trial from the results so far
+(tune.py): it needs distributions only (no grid, no variants), `samples` is its trial count.
 
 Keys are dotted config keys (`cifar-ray train --set` syntax). A variant or value that sets
 `model.name` to another model starts that model's `model.args` empty: the base's args
@@ -30,7 +34,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cifar_ray import config as C
+from cifar_ray import config
 from cifar_ray.errors import UserError, shown
 from cifar_ray.values import finite_number, is_finite, is_int, typed
 
@@ -39,6 +43,7 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 TOP_KEYS = ("description", "base", "grid", *DISTRIBUTIONS, "variants", "sweep")
 VARIANT_KEYS = ("name", "set", "note", "reference")
 MAX_TRIALS = 10_000  # trials of one sweep: the list is built (and every trial checked) first
+SEARCHES = ("random", "optuna")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Settings:
     workers_per_trial: int = 1  # 1: the engine in the trial itself; >1: a TorchTrainer (DDP)
     gpus_per_trial: float = 0.0  # 1 worker: a GPU share (0.25 packs 4 on a GPU); >1: = workers
     cpus_per_trial: float = 1.0  # CPUs of a trial's workers together
+    search: str = "random"  # random: draws made up front; optuna: TPE proposes each trial
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ def space_path(name_or_path: str) -> Path:
 
 def load_space(name_or_path: str) -> Space:
     path = space_path(name_or_path)
-    data = C.read_yaml(path, "space")
+    data = config.read_yaml(path, "space")
     return parse(data, str(path), name=path.stem, folder=path.parent)
 
 
@@ -109,7 +115,7 @@ def _where(src: str, *parts) -> str:
 def _check_key(key: Any, where: str) -> str:
     if not isinstance(key, str):
         raise UserError(f"{where}: keys must be dotted config keys, got {shown(key)}")
-    C.check_override_key(key, where)
+    config.check_override_key(key, where)
     fixed = key.startswith(("data.", "scale.")) or key == "train.epochs"
     if fixed:
         what = ("--max-epochs sets every trial's time budget" if key == "train.epochs" else
@@ -147,9 +153,9 @@ def parse(data: Any, source: str, name: str = "space", folder: Path | None = Non
         if key not in TOP_KEYS:
             raise UserError(f"{source}: unknown key {shown(key)}; a space has {', '.join(TOP_KEYS)}")
     base = data.get("base") or {}
-    C.from_dict(base, _where(source, "base"))  # unknown keys and types, named
+    config.from_dict(base, _where(source, "base"))  # unknown keys and types, named
     if isinstance(base.get("model"), dict) and "name" in base["model"]:
-        base = C.merge(base, {"model": {"name": _absolute_model(base["model"]["name"], folder)}})
+        base = config.merge(base, {"model": {"name": _absolute_model(base["model"]["name"], folder)}})
 
     grid = {}
     for key, values in _mapping(data.get("grid"), _where(source, "grid")).items():
@@ -253,26 +259,26 @@ def sweep_overrides(settings: Settings, base: dict) -> dict:
 
 
 def max_epochs(settings: Settings, base: dict) -> int:
-    return settings.max_epochs or C.from_dict(base).train.epochs
+    return settings.max_epochs or config.from_dict(base).train.epochs
 
 
-def trial_config(space: Space, settings: Settings, params: dict, where: str = "trial") -> C.Config:
+def trial_config(space: Space, settings: Settings, params: dict, where: str = "trial") -> config.Config:
     """A trial's config from its Tune params: base <- variant <- swept keys <- sweep's own."""
     data = space.base
     if "variant" in params:
-        data = C.apply(data, next(v for v in space.variants if v.name == params["variant"]).set)
-    data = C.apply(data, {k: v for k, v in params.items() if k != "variant"})
-    data = C.apply(data, sweep_overrides(settings, space.base))
-    return C.from_dict(data, where)
+        data = config.apply(data, next(v for v in space.variants if v.name == params["variant"]).set)
+    data = config.apply(data, {k: v for k, v in params.items() if k != "variant"})
+    data = config.apply(data, sweep_overrides(settings, space.base))
+    return config.from_dict(data, where)
 
 
-def base_config(space: Space, settings: Settings, where: str) -> C.Config:
+def base_config(space: Space, settings: Settings, where: str) -> config.Config:
     """The sweep's base: the space's base with the sweep's own keys, over its model's default
     recipe (see config.with_model_recipe). Every trial starts from it, so the trials share
     the base's recipe unless the space varies it."""
-    data = C.apply(space.base, sweep_overrides(settings, space.base))
-    C.from_dict(data, where)
-    return C.from_dict(C.with_model_recipe(data), where)
+    data = config.apply(space.base, sweep_overrides(settings, space.base))
+    config.from_dict(data, where)
+    return config.from_dict(config.with_model_recipe(data), where)
 
 
 def resolve_settings(space: Space, flags: dict) -> Settings:
@@ -287,6 +293,8 @@ def resolve_settings(space: Space, flags: dict) -> Settings:
                 return UserError(f"--{f.name.replace('_', '-')}: must be {what}, got {shown(v)}")
 
             out = replace(out, **{f.name: typed(type(getattr(out, f.name)), v, bad)})
+    if out.search not in SEARCHES:
+        raise UserError(f"--search {shown(out.search)}: must be one of {', '.join(SEARCHES)}")
     return out
 
 
@@ -313,8 +321,8 @@ def check_settings(space: Space, s: Settings) -> None:
             raise UserError(f"{flag} {value!r}: Ray counts CPUs and GPUs in steps of "
                             f"{RESOURCE_STEP:g} (up to {MAX_RESOURCE:.0e}); give a multiple of "
                             f"{RESOURCE_STEP:g}")
-    if epochs > C.MAX_EPOCHS:
-        raise UserError(f"--max-epochs {epochs}: must be <= {C.MAX_EPOCHS}")
+    if epochs > config.MAX_EPOCHS:
+        raise UserError(f"--max-epochs {epochs}: must be <= {config.MAX_EPOCHS}")
     if s.grace > epochs:
         raise UserError(f"--grace {s.grace} exceeds --max-epochs {epochs}: ASHA could never "
                         "stop a trial; use a grace <= max epochs")
@@ -334,6 +342,31 @@ def check_settings(space: Space, s: Settings) -> None:
     if w > 1 and s.cpus_per_trial < w:
         raise UserError(f"--cpus-per-trial {s.cpus_per_trial:g} is less than one CPU for each of "
                         f"{w} workers; use --cpus-per-trial {w} or more")
+    if s.search == "optuna":
+        _check_optuna(space, s)
+
+
+# What Optuna's categorical distribution holds (TPE compares choices by value).
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _check_optuna(space: Space, s: Settings) -> None:
+    """TPE proposes values from distributions, one trial at a time: no grid or variants
+    (fixed lists to enumerate), no seed repeats, choices of plain values."""
+    fixed = [f"grid key {k}" for k in space.grid] + [f"variant {v.name}" for v in space.variants]
+    if fixed:
+        raise UserError(f"{space.source}: --search optuna proposes values from distributions "
+                        f"and cannot enumerate {', '.join(fixed)}; make them choice keys, or "
+                        "use --search random")
+    if s.seeds > 1:
+        raise UserError(f"--seeds {s.seeds} with --search optuna: TPE proposes each configuration "
+                        "once; use --search random to repeat configurations over seeds")
+    for key, (kind, values) in space.dists.items():
+        bad = [v for v in values if not isinstance(v, _SCALARS)] if kind == "choice" else []
+        if bad:
+            raise UserError(f"{space.source}: choice.{key}: --search optuna takes choices of "
+                            f"numbers, words, true/false or null, got {shown(bad[0])}; use "
+                            "--search random for lists and mappings")
 
 
 def points(space: Space, settings: Settings) -> list[dict]:
@@ -343,7 +376,7 @@ def points(space: Space, settings: Settings) -> list[dict]:
     rerun draws the same samples."""
     import numpy as np
 
-    first_seed = C.from_dict(space.base).train.seed
+    first_seed = config.from_dict(space.base).train.seed
     rng = np.random.default_rng(first_seed)
     seeds = [first_seed + i for i in range(settings.seeds)]
     names = [{"variant": v.name} for v in space.variants] or [{}]
@@ -380,7 +413,9 @@ def label(params: dict, seed: bool = True) -> str:
 
 
 def trial_count(space: Space, settings: Settings) -> int:
-    """Trials the sweep runs: samples x variants x grid x seeds."""
+    """Trials the sweep runs: samples x variants x grid x seeds (Optuna: samples)."""
+    if settings.search == "optuna":
+        return settings.samples
     count = settings.samples * max(1, len(space.variants)) * settings.seeds
     for values in space.grid.values():
         count *= len(values)
@@ -389,32 +424,49 @@ def trial_count(space: Space, settings: Settings) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """A sweep resolved once (see `plan`): what tune runs, sweepdir records and the report
+    """A sweep resolved once (see `plan_sweep`): what tune runs, sweepdir records and the report
     compares against."""
     space: Space  # with base = the full base config as run (a nested dict)
     settings: Settings  # with max_epochs filled in
-    base: C.Config
+    base: config.Config
     trials: tuple  # (params, Config) of every trial, in run order
     specs: dict  # spec file -> its layers, read here: a trial's node may lack the file
 
-    def trial(self, params: dict, where: str = "trial") -> C.Config:
+    def trial(self, params: dict, where: str = "trial") -> config.Config:
         """The config of the trial with these Tune params (a spec file's layers included)."""
         cfg = trial_config(self.space, self.settings, params, where)
         if cfg.model.name in self.specs:
-            cfg = C.replace(cfg, model__spec=self.specs[cfg.model.name])
+            cfg = config.replace(cfg, model__spec=self.specs[cfg.model.name])
+        return cfg
+
+    def checked(self, params: dict) -> config.Config:
+        """`trial`, its model built on paper too: for a trial the driver did not see (an
+        Optuna proposal); a bad one is refused naming the space and the trial."""
+        where = f"{self.space.source}: {label(params)}"
+        cfg = self.trial(params, where)
+        _check_model(cfg, where)
         return cfg
 
 
-def plan(space: Space, settings: Settings, overrides: dict | None = None,
+def _check_model(cfg: config.Config, where: str) -> None:
+    from cifar_ray.models import model_info
+
+    try:
+        model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def plan_sweep(space: Space, settings: Settings, overrides: dict | None = None,
          where: str = "--set") -> Plan:
     """The one way from a space, its settings and base overrides (`where` names them in
     messages) to the base config and every trial's config: each setting, config and model
-    checked once, before anything is prepared or started."""
-    from cifar_ray.models import model_info
-
+    checked once, before anything is prepared or started. With --search optuna the trials
+    are the draws random search would make: TPE proposes from the same space, so a space
+    whose draws fail is refused before it runs (a bad proposal later fails its trial alone)."""
     if overrides:
-        space = replace(space, base=C.apply(space.base, overrides))
-        C.from_dict(space.base, where)
+        space = replace(space, base=config.apply(space.base, overrides))
+        config.from_dict(space.base, where)
     check_settings(space, settings)
     if settings.samples > 1 and not space.dists:
         raise UserError(f"--samples {settings.samples}: samples are draws from distributions "
@@ -425,8 +477,8 @@ def plan(space: Space, settings: Settings, overrides: dict | None = None,
         raise UserError(f"{space.source}: {count:,} trials (samples x variants x grid x seeds), "
                         f"more than the {MAX_TRIALS:,} a sweep may run; sweep fewer values")
     settings = replace(settings, max_epochs=max_epochs(settings, space.base))
-    base = C.portable(base_config(space, settings, space.source))
-    space = replace(space, base=C.to_dict(base))
+    base = config.portable(base_config(space, settings, space.source))
+    space = replace(space, base=config.to_dict(base))
     specs: dict = {}
     checked: set[str] = set()
     trials = []
@@ -435,25 +487,26 @@ def plan(space: Space, settings: Settings, overrides: dict | None = None,
         cfg = trial_config(space, settings, params, where)
         key = repr((cfg.model.name, sorted(cfg.model.args.items())))
         if key not in checked:
-            try:
-                model_info(cfg.model.spec or cfg.model.name, **cfg.model.args)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
+            _check_model(cfg, where)
             checked.add(key)
         if Path(cfg.model.name).is_file():
             if cfg.model.name not in specs:
-                specs[cfg.model.name] = C.portable(cfg).model.spec
-            cfg = C.replace(cfg, model__spec=specs[cfg.model.name])
+                specs[cfg.model.name] = config.portable(cfg).model.spec
+            cfg = config.replace(cfg, model__spec=specs[cfg.model.name])
         trials.append((params, cfg))
+    for name in space.dists.get("model.name", ("", []))[1]:  # any that a proposal may name
+        if isinstance(name, str) and Path(name).is_file() and name not in specs:
+            specs[name] = config.portable(config.replace(base, model__name=name, model__args={},
+                                               model__spec=[])).model.spec
     return Plan(space, settings, base, tuple(trials), specs)
 
 
 # ---------------------------------------------------------------- the space as resolved
 
-def resolved(space: Space, settings: Settings, base_cfg: C.Config) -> dict:
+def resolved(space: Space, settings: Settings, base_cfg: config.Config) -> dict:
     """The space as run: base = the full resolved config, sweep = every setting. It is a
     valid space file itself (`--space DIR/space.yaml` reruns it)."""
-    out: dict = {"description": space.description, "base": C.to_dict(base_cfg)}
+    out: dict = {"description": space.description, "base": config.to_dict(base_cfg)}
     if space.grid:
         out["grid"] = space.grid
     for key, (kind, spec) in space.dists.items():
@@ -465,10 +518,10 @@ def resolved(space: Space, settings: Settings, base_cfg: C.Config) -> dict:
     return out
 
 
-def changes(base: C.Config, cfg: C.Config, skip=("train.seed",)) -> dict:
+def changes(base: config.Config, cfg: config.Config, skip=("train.seed",)) -> dict:
     """Dotted key -> value for every leaf where `cfg` differs from `base` (model args one
     by one; the args of a replaced model are not listed)."""
-    a, b = flatten(C.to_dict(base)), flatten(C.to_dict(cfg))
+    a, b = flatten(config.to_dict(base)), flatten(config.to_dict(cfg))
     return {k: v for k, v in b.items() if (k not in a or a[k] != v) and k not in skip}
 
 

@@ -3,6 +3,8 @@
     DIR/space.yaml       the space as resolved: full base config + every sweep setting
                          (a space file itself: `--space DIR/space.yaml` reruns the sweep)
     DIR/status.json      trial id -> done | stopped | failed (+ reason), kept by the driver
+    DIR/budget.json      the last run's --time-budget ({} without one), "ended": true once
+                         it stopped the sweep
     DIR/results.parquet  one row per trial-epoch: trial_id, every swept key, the metrics
     DIR/trials.csv       one row per trial: swept keys, best val acc, epochs, stopped early,
                          checkpoint (relative to DIR)
@@ -25,24 +27,27 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cifar_ray import config as C
+from cifar_ray import config
 from cifar_ray import rundir
-from cifar_ray import space as S
 from cifar_ray.errors import UserError, quote
 from cifar_ray.fsutil import atomic_write
 from cifar_ray.rundir import EPOCH_FILE, METRIC_COLUMNS, STATE_FILE
+from cifar_ray.space import (Settings, Space, base_config, changes, parse, resolve_settings,
+                             trial_config, trial_count)
 from cifar_ray.storage import Kind
 from cifar_ray.values import is_finite, is_int, is_number
 
 SPACE_FILE = "space.yaml"
 STATUS_FILE = "status.json"
+BUDGET_FILE = "budget.json"
 TUNE_PREFIX = "tune-"  # DIR/tune-<6 hex>: Ray Tune's experiment
 TRAIN_DIR = "train"
 # What a sweep folder may hold: --overwrite replaces such a folder and no other.
 SWEEP = Kind("sweep", (SPACE_FILE,),
-             (SPACE_FILE, STATUS_FILE, "results.parquet", "trials.csv", "best.yaml", "report.md",
-              "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp", "mlflow.json"))
-_TRIAL_DIR = re.compile(r"^(.+_\d{5})(?:_[0-9a-f]{4})?$")  # Tune's trial id (+ a suffix)
+             (SPACE_FILE, STATUS_FILE, BUDGET_FILE, "results.parquet", "trials.csv", "best.yaml",
+              "report.md", "*.png", "tune", TUNE_PREFIX + "*", TRAIN_DIR, ".*.tmp", "mlflow.json"))
+# Tune's trial id (<run>_NNNNN, or 8 hex digits when a searcher proposes), + a suffix
+_TRIAL_DIR = re.compile(r"^(.+_\d{5}|[0-9a-f]{8})(?:_[0-9a-f]{4})?$")
 
 
 def is_sweep(path: Path) -> bool:
@@ -53,7 +58,7 @@ def is_sweep(path: Path) -> bool:
 class Trial:
     trial_id: str
     params: dict  # the trial's swept key -> value (+ variant, train.seed with --seeds)
-    config: C.Config
+    config: config.Config
     history: list[dict]  # one dict per epoch, in order, each epoch once
     status: str  # done | stopped | failed | incomplete
     reason: str = ""
@@ -91,12 +96,13 @@ def _epoch(x) -> bool:
 @dataclass
 class Sweep:
     path: Path
-    space: S.Space
-    settings: S.Settings
-    base: C.Config  # the base config as run
+    space: Space
+    settings: Settings
+    base: config.Config  # the base config as run
     trials: list[Trial]  # those that started (have a folder)
     planned: int = 0  # trials the sweep will run in all
     location: str = ""  # the sweep's path or URI, as shown to the user (default: path)
+    budget: dict = field(default_factory=dict)  # DIR/budget.json: {seconds, text, ended}
 
     def shown(self, *parts: str) -> str:
         from cifar_ray.storage import join
@@ -110,13 +116,13 @@ class Sweep:
 
 # ---------------------------------------------------------------- reading
 
-def load_space(sweep: Path) -> tuple[S.Space, S.Settings, C.Config]:
+def load_space(sweep: Path) -> tuple[Space, Settings, config.Config]:
     path = Path(sweep) / SPACE_FILE
     if not path.is_file():
         raise UserError(f"{sweep}: not a sweep directory (no {SPACE_FILE})")
-    space = S.parse(C.read_yaml(path, "space"), str(path), name=Path(sweep).resolve().name)
-    settings = S.resolve_settings(space, {})
-    return space, settings, S.base_config(space, settings, str(path))
+    space = parse(config.read_yaml(path, "space"), str(path), name=Path(sweep).resolve().name)
+    settings = resolve_settings(space, {})
+    return space, settings, base_config(space, settings, str(path))
 
 
 def experiment_dir(sweep: Path) -> Path | None:
@@ -128,8 +134,8 @@ def experiment_dir(sweep: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_status(sweep: Path) -> dict:
-    path = Path(sweep) / STATUS_FILE
+def read_status(sweep: Path, name: str = STATUS_FILE) -> dict:
+    path = Path(sweep) / name
     try:
         status = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -242,10 +248,10 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
             state, reason = "failed", crashed
         else:
             state, reason = ("done" if len(history) >= base.train.epochs else "incomplete"), ""
-        cfg = S.trial_config(space, settings, params, f"{dirs[-1]}/params.json")
+        cfg = trial_config(space, settings, params, f"{dirs[-1]}/params.json")
         nodes = [r["node_id"] for r in rows if isinstance(r.get("node_id"), str)]
         trial = Trial(trial_id, params, cfg, history, state, reason,
-                      changes=S.changes(base, cfg), node_id=nodes[-1] if nodes else "")
+                      changes=changes(base, cfg), node_id=nodes[-1] if nodes else "")
         ckpts = {}
         for d in dirs:
             ckpts.update(_checkpoints(sweep, d, rows))
@@ -254,7 +260,8 @@ def read_sweep(sweep: Path, location: str = "") -> Sweep:
         if pick is not None:
             trial.checkpoint = _relative(ckpts[pick], sweep)
         trials.append(trial)
-    return Sweep(sweep, space, settings, base, trials, S.trial_count(space, settings), location)
+    return Sweep(sweep, space, settings, base, trials, trial_count(space, settings), location,
+                 read_status(sweep, BUDGET_FILE))
 
 
 # ---------------------------------------------------------------- writing the tables
@@ -340,7 +347,7 @@ def write_best(sw: Sweep) -> Trial | None:
     if best is not None:
         header = (f"# best trial {best.trial_id} of sweep {sw.shown()}: val acc "
                   f"{best.best_val_acc:.4f} at epoch {best.best_epoch}\n")
-        atomic_write(sw.path / "best.yaml", header + C.dump_yaml(best.config))
+        atomic_write(sw.path / "best.yaml", header + config.dump_yaml(best.config))
     return best
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ray.tune.logger import LoggerCallback
 
-from cifar_ray import config as C
+from cifar_ray.config import Config, to_dict
 from cifar_ray import rundir, storage
 from cifar_ray.errors import UserError
 
@@ -50,11 +50,11 @@ def epoch_metrics(result: dict) -> dict[str, float]:
             and math.isfinite(result[k])}
 
 
-def params(cfg: C.Config, first: dict | None = None) -> dict[str, str]:
+def params(cfg: Config, first: dict | None = None) -> dict[str, str]:
     """The config flattened to dotted keys (the keys of `first` first), as MLflow params."""
     from cifar_ray.space import flatten
 
-    flat = {**(first or {}), **flatten(C.to_dict(cfg))}
+    flat = {**(first or {}), **flatten(to_dict(cfg))}
     text = {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
             for k, v in flat.items()}
     return {k: v[:6000] for k, v in text.items()}  # MLflow's longest param value
@@ -204,7 +204,7 @@ class RunTracking:
         self.loc, self.writer, self.run_id = loc, None, None
         self.mlflow, self.record = _open(loc, mlflow, resume, echo)
 
-    def start(self, stage: storage.Stage, cfg: C.Config) -> None:
+    def start(self, stage: storage.Stage, cfg: Config) -> None:
         from tensorboardX import SummaryWriter
 
         self.stage = stage

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_ray import checkpoint, faults, rundir, storage
-from cifar_ray import config as C
+from cifar_ray.config import Config, ScaleConfig, from_dict, portable, save_config, to_dict
 from cifar_ray.data.split import Split, check_batch, load_split
 from cifar_ray.errors import UserError
 from cifar_ray.fsutil import is_out_of_space, out_of_space
@@ -94,7 +94,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from cifar_ray import engine
 
     torch.set_num_threads(loop_config["threads"])
-    cfg = C.from_dict(loop_config["config"], "run config")
+    cfg = from_dict(loop_config["config"], "run config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     split = ray.get(loop_config["data"])
@@ -347,7 +347,7 @@ class _stderr_to_devnull:
         os.close(self.saved)
 
 
-def plan_resources(scale: C.ScaleConfig, check: bool = True) -> Resources:
+def plan_resources(scale: ScaleConfig, check: bool = True) -> Resources:
     """Size the workers from the cluster, and refuse (before starting) a run the cluster
     cannot hold: Ray would otherwise wait for resources forever."""
     import ray
@@ -372,7 +372,7 @@ def bundles(res: Resources) -> list[dict]:
     return [{"CPU": res.cpus_per_worker, **({"GPU": 1} if res.gpu else {})}] * res.workers
 
 
-def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Location, name: str,
+def make_trainer(cfg: Config, data_ref, res: Resources, where: storage.Location, name: str,
                  queue=None, callbacks=None, resume=None):
     """The TorchTrainer of one run (train and tune both build theirs here), its checkpoints
     in `where`/`name`. `resume`: an object ref of a checkpoint state to start from when
@@ -382,7 +382,7 @@ def make_trainer(cfg: C.Config, data_ref, res: Resources, where: storage.Locatio
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": C.to_dict(cfg), "data": data_ref, "queue": queue,
+        train_loop_config={"config": to_dict(cfg), "data": data_ref, "queue": queue,
                            "threads": res.cpus_per_worker, "resume": resume,
                            # read by the workers when local (a bucket: Ray's checkpoint only)
                            "checkpoints": None if where.remote else str(Path(where.path) / name)},
@@ -443,7 +443,7 @@ def check_run_dir(out: storage.Location, resume: bool, overwrite: bool, keep=())
     storage.check_new(out, overwrite, rundir.RUN, "--resume", keep)
 
 
-def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         check_resources: bool = True, verbose: bool = False, echo=print,
         mlflow: str | None = None) -> dict:
     """Train `cfg` into run directory `out` (a path or URI) on Ray Train; return the
@@ -454,7 +454,7 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
     loc = storage.locate(out, "--resume" if resume else "--out")
     storage.exists(loc)  # an unreachable store fails now, before the data and Ray
     tracking = RunTracking(loc, mlflow, resume, echo)  # MLflow's server is asked now too
-    cfg = C.portable(cfg)
+    cfg = portable(cfg)
     # Bad input fails before the data is prepared, Ray starts or DIR is written: the model
     # (again below with the data's classes), DIR, the batch size against the data, the cluster.
     model = cfg.model.spec or cfg.model.name
@@ -473,7 +473,7 @@ def run(cfg: C.Config, out: str | Path, *, resume: bool = False, overwrite: bool
                         tracking)
 
 
-def resume_from(stage: storage.Stage, cfg: C.Config, echo=print) -> dict | None:
+def resume_from(stage: storage.Stage, cfg: Config, echo=print) -> dict | None:
     """The newest readable checkpoint of the run in `stage` (None: it has none yet), after
     the checks of a resume: a run whose checkpoints are all unreadable, or `cfg` asking for
     fewer epochs than that checkpoint has done, is refused. Ray's own record of the
@@ -537,7 +537,7 @@ def repair_ray_record(stage: storage.Stage, good: set[str]) -> None:
         storage.remove(stage.loc.sub(rel))
 
 
-def _run(cfg: C.Config, data: list[Split], info: dict, stage: storage.Stage, newest: dict | None,
+def _run(cfg: Config, data: list[Split], info: dict, stage: storage.Stage, newest: dict | None,
          resume: bool, check_resources: bool, verbose: bool, echo, tracking) -> dict:
     """The Ray part of `run`: start the trainer, follow it, write the run's files. `newest`:
     the checkpoint a resumed run continues from."""
@@ -556,7 +556,7 @@ def _run(cfg: C.Config, data: list[Split], info: dict, stage: storage.Stage, new
         check_gpus(bundles(res), cfg.scale.placement, echo)
     if not resume:  # after every check (run): a refusal writes nothing
         storage.make_new(stage.loc)
-    C.save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / "config.yaml")
     tracking.start(stage, cfg)
     stage.push()
     history: dict[int, dict] = {}
@@ -647,7 +647,7 @@ def worker_user_error(error: BaseException) -> UserError | None:
     return None
 
 
-def finish_run(stage: storage.Stage, cfg: C.Config, info: dict, wall_seconds: float,
+def finish_run(stage: storage.Stage, cfg: Config, info: dict, wall_seconds: float,
                workers: list[dict]) -> dict:
     """Write metrics.csv, curves.png and summary.json from the newest checkpoint's history
     (the authority: it survives driver restarts and worker failures); `workers`: where

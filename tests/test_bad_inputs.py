@@ -949,7 +949,7 @@ def test_controls_the_good_inputs_work(fx, tmp_path):
     assert invoke(["predict", fx.ckpt, big]).exit_code == 0
     assert invoke(["predict", with_state(fx, "again.pt"), fx.image]).exit_code == 0
     space = S.load_space(str(fx.space))
-    assert len(S.plan(space, S.resolve_settings(space, {})).trials) == 2
+    assert len(S.plan_sweep(space, S.resolve_settings(space, {})).trials) == 2
     assert invoke(["data", "prepare", write_dir(fx.tmp / "imgs", tree()[0])]).exit_code == 0
     # A merge key overriding what it merges is not a key given twice.
     merged = _write(fx.tmp / "merge.yaml", "x: &b {epochs: 2, batch_size: 8}\ntrain:\n  <<: *b\n  batch_size: 32\n")

@@ -181,7 +181,7 @@ def test_smoke_spaces_are_valid_and_small(jobs, tmp_path, space, keep, trials):
     samples = 2 if space == "architecture" else 1
     settings = S.resolve_settings(parsed, {"samples": samples, "max_epochs": 1, "grace": 1,
                                            "concurrent": 2, "gpus_per_trial": 0.0})
-    checked = S.plan(parsed, settings)  # every trial's config and model build
+    checked = S.plan_sweep(parsed, settings)  # every trial's config and model build
     assert len(checked.trials) == trials
 
 

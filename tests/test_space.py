@@ -21,7 +21,7 @@ def write_space(tmp_path, data, name="space.yaml"):
 
 def checked(tmp_path, data, **flags):
     space = S.load_space(write_space(tmp_path, data))
-    return [params for params, _ in S.plan(space, S.resolve_settings(space, flags)).trials]
+    return [params for params, _ in S.plan_sweep(space, S.resolve_settings(space, flags)).trials]
 
 
 BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 8}}, "train": {"epochs": 3}}
@@ -31,13 +31,13 @@ BASE = {"model": {"name": "cnn", "args": {"depth": 2, "filters": 8}}, "train": {
 def test_builtin_space_validates_every_trial(name):
     space = S.load_space(name)
     settings = S.resolve_settings(space, {})
-    plan = S.plan(space, settings)
+    plan = S.plan_sweep(space, settings)
     assert len(plan.trials) >= 5 and space.description
     # The resolved form (what a sweep saves as DIR/space.yaml) is a space that yields the
     # same trials, with the same configs.
     resolved = S.resolved(plan.space, plan.settings, plan.base)
     again = S.parse(yaml.safe_load(yaml.safe_dump(resolved)), "resolved")
-    assert S.plan(again, S.resolve_settings(again, {})).trials == plan.trials
+    assert S.plan_sweep(again, S.resolve_settings(again, {})).trials == plan.trials
 
 
 def test_builtin_spaces_cover_the_knobs_the_seed_turned():

@@ -308,7 +308,7 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(ray_local, server, tmp
     assert len(server.runs("sweep-tracked")) == 5
     space, settings, _ = D.load_space(out)
     with track.SweepTracking(storage.locate(out), resume=True) as tracking:
-        tracking.start(S.plan(space, settings))
+        tracking.start(S.plan_sweep(space, settings))
         logger = tracking.trials()
         logger.setup()
         trial_id = sorted(children)[0]
