@@ -208,7 +208,10 @@ class RunTracking:
         from tensorboardX import SummaryWriter
 
         self.stage = stage
-        self.writer = SummaryWriter(str(stage.local), flush_secs=30)
+        try:
+            self.writer = SummaryWriter(str(stage.local), flush_secs=30)
+        except OSError as e:
+            self._lost(e)
         if self.mlflow is not None:
             name = posixpath.basename(self.loc.path)
             record = self.mlflow.open_run(self.record, name, params(cfg), {"cifar_ray.dir": self.loc.text})
@@ -218,17 +221,37 @@ class RunTracking:
 
                 atomic_write(stage.local / RECORD, json.dumps(record, indent=1))
 
+    def _events(self, write) -> None:
+        """`write(writer)` to the TensorBoard file: a failure (a full disk) costs the events,
+        never the run or the error it is already ending with (one warning, then no more)."""
+        if self.writer is None:
+            return
+        try:
+            write(self.writer)
+        except OSError as e:
+            self._lost(e)
+
+    def _lost(self, error: OSError) -> None:
+        self.writer = None
+        print(f"warning: TensorBoard events of {self.loc.text} are no longer written: "
+              f"{error.strerror or error}", flush=True)
+
+    def _add_epoch(self, writer, metrics: dict) -> None:
+        for key, value in epoch_metrics(metrics).items():
+            writer.add_scalar(TB_PREFIX + key, value, global_step=int(metrics["epoch"]))
+        writer.flush()  # whole before the stage is pushed
+
     def epoch(self, metrics: dict) -> None:
-        if self.writer is not None:
-            for key, value in epoch_metrics(metrics).items():
-                self.writer.add_scalar(TB_PREFIX + key, value, global_step=int(metrics["epoch"]))
-            self.writer.flush()  # whole before the stage is pushed
+        self._events(lambda w: self._add_epoch(w, metrics))
         if self.run_id:
             self.mlflow.log_epoch(self.run_id, metrics)
 
+    def _close(self) -> None:
+        self._events(lambda w: w.close())
+        self.writer = None
+
     def finish(self, summary: dict) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._close()
         if self.run_id:
             out = self.stage.local
             self.mlflow.end(self.run_id, [out / "summary.json", out / "curves.png"],
@@ -239,8 +262,7 @@ class RunTracking:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._close()
         if self.run_id and error is not None:
             self.mlflow("set_terminated", self.run_id,
                         "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

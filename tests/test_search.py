@@ -165,12 +165,13 @@ def test_a_proposal_that_cannot_run_fails_its_trial_with_the_reason(ray_local, t
     from cifar_ray.data.split import Split
 
     space = S.load_space(path)
-    plan = S.plan_sweep(space, S.resolve_settings(space, {"search": "optuna", "samples": 1}))
+    settings = S.resolve_settings(space, {"search": "optuna"})
+    base = S.base_config(space, settings, path)  # (plan_sweep would refuse the bad draws)
+    plan = S.Plan(replace(space, base=C.to_dict(base)), settings, base, (), {})
     none = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))
     data = Split(train=(np.zeros((200, 32, 32, 3), np.uint8), np.zeros(200, np.int64)),
                  val=none, classes=["a", "b"], mean=(0.5,) * 3, std=(0.25,) * 3)
-    shared = TU.Shared(ray.put(data), replace(plan, trials=()),
-                       storage.locate(str(tmp_path / "sweep")))
+    shared = TU.Shared(ray.put(data), plan, storage.locate(str(tmp_path / "sweep")))
     reported = []
     monkeypatch.setattr(TU.tune, "report", lambda metrics, **kw: reported.append(metrics))
     monkeypatch.setattr(TU, "_run_engine", lambda cfg, shared: reported.append("ran"))

@@ -8,7 +8,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from cifar_ray import rundir, storage, track
 from cifar_ray import space as S
 from cifar_ray import sweepdir as D
 from cifar_ray.cli import main
-from helpers import SWEEP_BASE, tiny_spec
+from helpers import SWEEP_BASE, free_ports, tiny_spec
 
 DATA = "synthetic:400"
 
@@ -36,9 +35,7 @@ def cli(*args):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class Server:
@@ -175,6 +172,31 @@ def test_a_server_that_does_not_answer_or_refuses_is_one_line(monkeypatch, tmp_p
                                  "folder to go on without tracking\n")
     finally:
         refuses.shutdown()
+
+
+def test_a_disk_that_refuses_the_events_costs_the_events_not_the_run(tmp_path, capsys):
+    """TensorBoard's writer failing (a full disk) is one warning; the run goes on, and the
+    error a run is already ending with (out of space) is not replaced by the writer's."""
+    loc = storage.locate(str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+
+    class Full:
+        def add_scalar(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+        flush = close = add_scalar
+
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        with track.RunTracking(loc) as tracking:
+            with storage.Stage(loc) as stage:
+                tracking.start(stage, C.Config())
+            tracking.writer = Full()
+            row = {"epoch": 1, "train_loss": 1.0, "val_acc": 0.5}
+            tracking.epoch(row)  # warns, does not raise
+            tracking.epoch({**row, "epoch": 2})  # no second warning: the events are off
+            raise RuntimeError("the run's own error")
+    out = capsys.readouterr().out
+    assert out.count("warning: TensorBoard events of") == 1 and "No space left" in out
 
 
 def test_a_failing_tracking_call_costs_the_tracking_not_the_sweep(capsys):
