@@ -212,17 +212,17 @@ def _epochs(out: Path, trial_id: str) -> list[int]:
 @pytest.mark.ray
 def test_a_time_budget_ends_the_sweep_and_resume_continues_it(ray_local, tmp_path):
     """Two trials at once: one runs its 3 epochs, the other is held after epoch 1 (a fault
-    point) until the 40 s budget ends the sweep: the finished one keeps its results, the
+    point) until the 25 s budget ends the sweep: the finished one keeps its results, the
     held one stops at its last epoch, the report says the budget ended it. `--resume` with
     a new budget continues the held trial from epoch 1 and leaves the finished one alone."""
     space = write_space(tmp_path / "s.yaml", variants=[
         {"name": "fast"}, {"name": "held", "set": {"optim.lr": 0.05}}])
     out = tmp_path / "sweep"
     r = _driver(["--space", space, "--data", "synthetic:400", "--concurrent", 2, "--grace", 3,
-                 "--time-budget", "40s", "--out", out], tmp_path, "trial-epoch:lr=0.05:epoch=1")
+                 "--time-budget", "25s", "--out", out], tmp_path, "trial-epoch:lr=0.05:epoch=1")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "time budget 40s spent: stopping 1 running trial and starting no more" in r.stdout
-    assert (f"the time budget 40s ended the sweep with 1 of 2 trials unfinished; continue "
+    assert "time budget 25s spent: stopping 1 running trial and starting no more" in r.stdout
+    assert (f"the time budget 25s ended the sweep with 1 of 2 trials unfinished; continue "
             f"with: cifar-ray tune --resume {out} --time-budget DURATION") in r.stdout
     assert r.stderr == ""
     trials = {t["variant"]: t for t in read_trials(out).values()}
@@ -230,7 +230,7 @@ def test_a_time_budget_ends_the_sweep_and_resume_continues_it(ray_local, tmp_pat
     assert (fast["status"], fast["epochs"]) == ("done", "3")
     assert (held["status"], held["epochs"]) == ("incomplete", "1")
     report = (out / "report.md").read_text()
-    assert "**The time budget (40s) ended this sweep**" in report
+    assert "**The time budget (25s) ended this sweep**" in report
     assert yaml.safe_load((out / "budget.json").read_text())["ended"] is True
     before = pq.read_table(out / "results.parquet").to_pylist()
 
@@ -260,7 +260,7 @@ def test_optuna_sweep_resumed_after_its_budget_keeps_the_searchers_state(ray_loc
     expected = propose(searcher(space), 3)
     out = tmp_path / "sweep"
     r = _driver(["--space", space, "--data", "synthetic:400", "--search", "optuna",
-                 "--samples", 3, "--concurrent", 1, "--grace", 3, "--time-budget", "30s",
+                 "--samples", 3, "--concurrent", 1, "--grace", 3, "--time-budget", "15s",
                  "--out", out], tmp_path, f"trial-epoch:lr={expected[0]['optim.lr']}:epoch=2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ended the sweep with 3 of 3 trials unfinished" in r.stdout
