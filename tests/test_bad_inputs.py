@@ -1081,7 +1081,7 @@ def test_fuzz_spaces(doc):
         return
     settings_ = parses_or_refuses(S.resolve_settings, space, {})
     if settings_ is not None:
-        plan = parses_or_refuses(S.plan, space, settings_)
+        plan = parses_or_refuses(S.plan_sweep, space, settings_)
         assert plan is None or isinstance(plan.trials, tuple)
 
 
