@@ -89,7 +89,7 @@ def probe(cfg: Config, gpu: bool = False, threads: int = 1, workers: int = 1) ->
     labels = np.arange(n, dtype=np.int64) % 10
     none = (images[:0], labels[:0])
     split = Split(train=(images, labels), val=none, classes=[str(i) for i in range(10)],
-                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     cfg = replace(cfg, train__epochs=2, train__batch_size=batch, train__fail_on_nan=False)
     t0 = time.perf_counter()
     history = engine.fit(cfg, split, device=device)

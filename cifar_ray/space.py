@@ -458,7 +458,7 @@ def _check_model(cfg: config.Config, where: str) -> None:
 
 
 def plan_sweep(space: Space, settings: Settings, overrides: dict | None = None,
-         where: str = "--set") -> Plan:
+               where: str = "--set") -> Plan:
     """The one way from a space, its settings and base overrides (`where` names them in
     messages) to the base config and every trial's config: each setting, config and model
     checked once, before anything is prepared or started. With --search optuna the trials
@@ -496,8 +496,8 @@ def plan_sweep(space: Space, settings: Settings, overrides: dict | None = None,
         trials.append((params, cfg))
     for name in space.dists.get("model.name", ("", []))[1]:  # any that a proposal may name
         if isinstance(name, str) and Path(name).is_file() and name not in specs:
-            specs[name] = config.portable(config.replace(base, model__name=name, model__args={},
-                                               model__spec=[])).model.spec
+            bare = config.replace(base, model__name=name, model__args={}, model__spec=[])
+            specs[name] = config.portable(bare).model.spec
     return Plan(space, settings, base, tuple(trials), specs)
 
 
