@@ -370,10 +370,12 @@ def test_the_smoke_job_scales_the_local_cluster_from_zero_and_back(tmp_path):
             watch()
             assert time.monotonic() - t0 - ended < 120, "the idle nodes were not removed"
             time.sleep(1)
-        assert most == 2, text[-2000:]
-        print(f"\nautoscaling: 2 worker nodes {up_s:.0f} s after submit; the job ended at "
-              f"{ended:.0f} s; both nodes gone at {gone:.0f} s ({gone - busy:.0f} s after they "
-              "were last seen)")
+        # the two nodes the job asked for came up; in one CI run of many the autoscaler
+        # launched 4 (the job still ran on 2 nodes, below), so more is not a failure
+        assert most >= 2, text[-2000:]
+        print(f"\nautoscaling: {most} worker nodes at most, 2 up {up_s:.0f} s after submit; the "
+              f"job ended at {ended:.0f} s; all gone at {gone:.0f} s ({gone - busy:.0f} s after "
+              "they were last seen)")
         # what the job leaves in its storage: the whole run folder of a 2-worker DDP run
         run = next((tmp_path / "storage").rglob("summary.json")).parent
         assert f"results: {run}" in text
